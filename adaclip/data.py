@@ -1,0 +1,541 @@
+"""Image folders: finding images and classes, splits, few-shot sampling, and batching.
+
+Layout (the torchvision ImageFolder convention)::
+
+    root/<class_folder>/<image>                       one labelled set
+    root/{train,val,test}/<class_folder>/<image>      explicit splits (any subset of the three)
+
+Classes are the sorted class-folder names; their display names turn `_` and `-` into spaces unless a
+class file says otherwise. Folders are indexed by listing directories only: no image is opened until it
+is batched, so a 100,000-image folder indexes in seconds, and unreadable files are skipped (and counted)
+where they are decoded.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .errors import InputError, UnreadableImageError
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file, load_image
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    label: int
+
+
+@dataclass
+class ImageFolder:
+    """The classes and images found under one folder (no image decoded yet)."""
+
+    root: Path
+    folders: list[str]
+    class_names: list[str]
+    images: list[LabelledImage]
+
+    def per_class(self) -> list[list[LabelledImage]]:
+        groups: list[list[LabelledImage]] = [[] for _ in self.folders]
+        for image in self.images:
+            groups[image.label].append(image)
+        return groups
+
+
+@dataclass
+class TrainingData:
+    """What `fit` trains and validates on, and how it was chosen (recorded in the adapter file)."""
+
+    root: Path
+    folders: list[str]
+    class_names: list[str]
+    train: list[LabelledImage]
+    val: list[LabelledImage]
+    shots: int | None
+    seed: int
+    val_source: str
+    sampled_files: list[str] | None = None
+    files_digest: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {
+            "root_name": self.root.name,
+            "n_classes": len(self.folders),
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "shots": self.shots,
+            "val_source": self.val_source,
+            "files_digest": self.files_digest,
+            "files": self.sampled_files,
+        }
+
+
+# --------------------------------------------------------------------------------------- class folders
+
+
+def class_name_from_folder(folder: str) -> str:
+    """`golden_retriever` -> `golden retriever`; `t-shirt` -> `t shirt`."""
+    return " ".join(folder.replace("_", " ").replace("-", " ").split())
+
+
+def _visible_subdirs(path: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as exc:
+        raise InputError(f"cannot list folder ({exc.strerror or exc})", path=path) from None
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks to directories
+    except OSError:
+        return False
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All visible image files under `folder`, recursively, sorted; symlink loops cannot recurse forever.
+
+    Directory symlinks are followed once per real directory, so a link back to a parent is harmless.
+    """
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(directory: Path) -> None:
+        try:
+            stat = directory.stat()
+        except OSError:
+            return
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen_dirs:
+            return
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if _is_dir(entry):
+                walk(path)
+            elif is_image_file(path):
+                found.append(path)
+
+    walk(folder)
+    return found
+
+
+def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
+    """Display names for `folders` from a file: one name per line (folder order), a JSON list (folder
+    order), or a JSON object {folder: name}."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("class file not found", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read class file ({exc})", path=path) from None
+    stripped = text.strip()
+    names: list[str]
+    if stripped.startswith(("[", "{")):
+        try:
+            parsed = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"class file is not valid JSON ({exc.msg}, line {exc.lineno})", path=path) from None
+        if isinstance(parsed, dict):
+            unknown = sorted(set(parsed) - set(folders))
+            if unknown:
+                raise InputError(
+                    f"class file names folders that do not exist: {', '.join(map(repr, unknown[:5]))}",
+                    path=path,
+                    fix=f"keys must be class folder names, e.g. {folders[0]!r}",
+                )
+            names = [str(parsed.get(folder, class_name_from_folder(folder))) for folder in folders]
+        elif isinstance(parsed, list):
+            names = [str(n) for n in parsed]
+        else:
+            raise InputError("class file JSON must be a list or an object", path=path)
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != len(folders):
+        raise InputError(
+            f"class file has {len(names)} names but the data has {len(folders)} class folders",
+            path=path,
+            fix="give one name per class folder, in sorted folder order, or a JSON {folder: name} object",
+        )
+    if any(not n.strip() for n in names):
+        raise InputError("class file has an empty class name", path=path)
+    return names
+
+
+def read_image_folder(root: str | Path, classes_file: str | Path | None = None) -> ImageFolder:
+    """Index `root/<class>/<image>` without opening any image."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError("data folder not found", path=root)
+    if not root.is_dir():
+        raise InputError(
+            "data path is not a folder", path=root, fix="point at a folder laid out as root/<class>/<image>"
+        )
+    class_dirs = _visible_subdirs(root)
+    if not class_dirs:
+        loose = [p for p in root.iterdir() if is_image_file(p)]
+        fix = (
+            "images must sit in one sub-folder per class: root/<class>/<image>"
+            if loose
+            else "expected root/<class>/<image>"
+        )
+        raise InputError("no class folders found", path=root, fix=fix)
+    folders = [d.name for d in class_dirs]
+    images: list[LabelledImage] = []
+    for label, class_dir in enumerate(class_dirs):
+        images.extend(LabelledImage(path, label) for path in list_images(class_dir))
+    if not images:
+        raise InputError(
+            "no images found", path=root, fix=f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
+    names = read_class_file(classes_file, folders) if classes_file else [class_name_from_folder(f) for f in folders]
+    return ImageFolder(root=root, folders=folders, class_names=names, images=images)
+
+
+def find_splits(root: str | Path) -> dict[str, Path]:
+    """{split: path} when every visible sub-folder of `root` is one of train/val/test, else {}."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    subdirs = _visible_subdirs(root)
+    if subdirs and all(d.name in SPLIT_NAMES for d in subdirs):
+        return {d.name: d for d in subdirs}
+    return {}
+
+
+def _check_same_classes(reference: ImageFolder, other: ImageFolder) -> None:
+    if other.folders != reference.folders:
+        missing = sorted(set(reference.folders) - set(other.folders))
+        extra = sorted(set(other.folders) - set(reference.folders))
+        raise InputError(
+            f"class folders differ between splits (missing: {missing[:5]}, extra: {extra[:5]})",
+            path=other.root,
+            fix="every split must have the same class folders",
+        )
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def few_shot_sample(images: Sequence[LabelledImage], shots: int, seed: int, n_classes: int) -> list[LabelledImage]:
+    """Up to `shots` images per class, chosen by `seed` from the sorted file list; output sorted."""
+    groups: list[list[LabelledImage]] = [[] for _ in range(n_classes)]
+    for image in images:
+        groups[image.label].append(image)
+    rng = random.Random(seed)
+    chosen: list[LabelledImage] = []
+    for group in groups:
+        group = sorted(group, key=lambda im: str(im.path))
+        chosen.extend(group if len(group) <= shots else rng.sample(group, shots))
+    return sorted(chosen, key=lambda im: (im.label, str(im.path)))
+
+
+def stratified_holdout(
+    images: Sequence[LabelledImage], fraction: float, seed: int, n_classes: int
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Split each class: round(fraction * n) images (at least 1 if the class has 2+) are held out."""
+    groups: list[list[LabelledImage]] = [[] for _ in range(n_classes)]
+    for image in images:
+        groups[image.label].append(image)
+    rng = random.Random(seed + 7919)  # a different stream from few-shot sampling under the same seed
+    keep: list[LabelledImage] = []
+    held: list[LabelledImage] = []
+    for group in groups:
+        group = sorted(group, key=lambda im: str(im.path))
+        n_held = round(fraction * len(group))
+        if fraction > 0 and n_held == 0 and len(group) >= 2:
+            n_held = 1
+        held_set = set(rng.sample(range(len(group)), n_held)) if n_held else set()
+        for i, image in enumerate(group):
+            (held if i in held_set else keep).append(image)
+    return keep, held
+
+
+def files_digest(images: Iterable[LabelledImage], root: Path) -> str:
+    """sha256 over the sorted (relative path, label) pairs: identifies exactly which files were used."""
+    digest = hashlib.sha256()
+    for rel, label in sorted((_relative(im.path, root), im.label) for im in images):
+        digest.update(f"{label}\t{rel}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+MAX_AUTO_VAL = 10_000
+
+
+def prepare_training_data(
+    root: str | Path,
+    *,
+    classes_file: str | Path | None = None,
+    shots: int | None = None,
+    seed: int = 0,
+    val_split: float | Literal["auto"] = "auto",
+) -> TrainingData:
+    """Choose training and validation images for `fit`.
+
+    Validation comes from `val/` when present. Otherwise `val_split` decides: a fraction is held out per
+    class before few-shot sampling; `auto` validates few-shot runs on the images that were not sampled
+    (at most 10,000) and full-data runs on a 10% hold-out; 0 disables validation.
+    """
+    root = Path(root)
+    splits = find_splits(root)
+    notes: list[str] = []
+    if splits:
+        if "train" not in splits:
+            raise InputError("split folders found but no train/", path=root, fix="add root/train/<class>/<image>")
+        train_folder = read_image_folder(splits["train"], classes_file)
+    else:
+        train_folder = read_image_folder(root, classes_file)
+    n_classes = len(train_folder.folders)
+    if n_classes < 2:
+        raise InputError(
+            f"found only 1 class ({train_folder.folders[0]!r}); classification needs at least 2",
+            path=train_folder.root,
+            fix="add a folder per class",
+        )
+    if shots is not None and shots < 1:
+        raise InputError(f"--shots must be at least 1, got {shots}")
+    pool = list(train_folder.images)
+    val: list[LabelledImage] = []
+    val_source = "none"
+    if splits and "val" in splits:
+        val_folder = read_image_folder(splits["val"], classes_file)
+        _check_same_classes(train_folder, val_folder)
+        val, val_source = list(val_folder.images), "val/ folder"
+    elif val_split != "auto" and float(val_split) > 0:
+        if not 0 < float(val_split) < 1:
+            raise InputError(f"--val-split must be in [0, 1), got {val_split}")
+        pool, val = stratified_holdout(pool, float(val_split), seed, n_classes)
+        val_source = f"{float(val_split):.0%} held out per class"
+    elif val_split == "auto" and shots is None:
+        pool, val = stratified_holdout(pool, 0.1, seed, n_classes)
+        val_source = "10% held out per class"
+
+    train = (
+        few_shot_sample(pool, shots, seed, n_classes)
+        if shots
+        else sorted(pool, key=lambda im: (im.label, str(im.path)))
+    )
+    if val_split == "auto" and shots is not None and not (splits and "val" in splits):
+        chosen = {im.path for im in train}
+        rest = [im for im in pool if im.path not in chosen]
+        if len(rest) > MAX_AUTO_VAL:
+            rest = random.Random(seed + 1).sample(rest, MAX_AUTO_VAL)
+        val = sorted(rest, key=lambda im: (im.label, str(im.path)))
+        val_source = "images not sampled as shots" if val else "none (every image was sampled as a shot)"
+
+    counts = [0] * n_classes
+    for image in train:
+        counts[image.label] += 1
+    empty = [train_folder.folders[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        notes.append(f"{len(empty)} class(es) have no training images: {', '.join(empty[:5])}")
+    if shots:
+        short = [train_folder.folders[i] for i, c in enumerate(counts) if 0 < c < shots]
+        if short:
+            notes.append(f"{len(short)} class(es) have fewer than {shots} images; all of theirs were used")
+    return TrainingData(
+        root=train_folder.root,
+        folders=train_folder.folders,
+        class_names=train_folder.class_names,
+        train=train,
+        val=val,
+        shots=shots,
+        seed=seed,
+        val_source=val_source,
+        sampled_files=[_relative(im.path, train_folder.root) for im in train] if shots else None,
+        files_digest=files_digest(train, train_folder.root),
+        notes=notes,
+    )
+
+
+def prepare_eval_data(root: str | Path, classes_file: str | Path | None = None) -> ImageFolder:
+    """The labelled set `eval` scores: `test/` if the folder has splits (else `val/`), or the folder itself."""
+    root = Path(root)
+    splits = find_splits(root)
+    for name in ("test", "val"):
+        if name in splits:
+            return read_image_folder(splits[name], classes_file)
+    if splits:
+        raise InputError("folder has only a train/ split; nothing held out to evaluate", path=root)
+    return read_image_folder(root, classes_file)
+
+
+# --------------------------------------------------------------------------------------- prediction inputs
+
+
+def iter_input_paths(specs: Sequence[str], stdin: Iterable[str] | None = None) -> Iterator[Path]:
+    """Expand predict arguments lazily: files, folders (recursive, sorted), globs, and `-` (one path per
+    line on stdin, streamed). Missing paths raise InputError before anything is yielded for them."""
+    for spec in specs:
+        if spec == "-":
+            for line in stdin if stdin is not None else sys.stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield Path(line)
+            continue
+        path = Path(spec)
+        if path.is_dir():
+            yield from list_images(path)
+        elif path.exists() or path.is_symlink():
+            yield path
+        elif glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise InputError("pattern matched no files", path=spec)
+            for match in matches:
+                match_path = Path(match)
+                if match_path.is_dir():
+                    yield from list_images(match_path)
+                else:
+                    yield match_path
+        else:
+            raise InputError("no such file or folder", path=spec)
+
+
+# --------------------------------------------------------------------------------------- batching
+
+
+class SkippedImage(NamedTuple):
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # (B, 3, H, W); B may be 0 when every image of the batch was unreadable
+    labels: torch.Tensor  # (B,), -1 where unknown
+    indices: torch.Tensor  # (B,) positions in the dataset, for mapping results back
+    paths: list[str]  # (B,) the decoded images' paths
+    skipped: list[SkippedImage]  # unreadable images in this batch
+
+
+class ImageDataset(Dataset):
+    """Decodes one image per item; an unreadable file yields a skip record instead of raising."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else None
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_labelled(cls, images: Sequence[LabelledImage], transform: Callable, **kw) -> ImageDataset:
+        return cls([im.path for im in images], [im.label for im in images], transform, **kw)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        label = self.labels[index] if self.labels is not None else -1
+        return _decode(self.paths[index], index, label, self.transform, self.max_pixels)
+
+
+class StreamingImageDataset(IterableDataset):
+    """Images from an iterator of paths (e.g. stdin), decoded in order; for single-process loading."""
+
+    def __init__(self, paths: Iterable[Path], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths = paths
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __iter__(self):
+        for index, path in enumerate(self.paths):
+            yield _decode(path, index, -1, self.transform, self.max_pixels)
+
+
+def _decode(path: Path, index: int, label: int, transform: Callable, max_pixels: int):
+    try:
+        image = load_image(path, max_pixels=max_pixels)
+        return transform(image), label, index, str(path), None
+    except UnreadableImageError as exc:
+        return None, label, index, str(path), exc.reason
+    except Exception as exc:  # a transform failing on one odd image must not end the run either
+        return None, label, index, str(path), f"{type(exc).__name__}: {exc}"
+
+
+def collate(items) -> Batch:
+    good = [it for it in items if it[0] is not None]
+    return Batch(
+        pixels=torch.stack([it[0] for it in good]) if good else torch.empty(0),
+        labels=torch.tensor([it[1] for it in good], dtype=torch.long),
+        indices=torch.tensor([it[2] for it in good], dtype=torch.long),
+        paths=[it[3] for it in good],
+        skipped=[SkippedImage(it[2], it[3], it[4]) for it in items if it[0] is None],
+    )
+
+
+def default_workers() -> int:
+    """Decoding workers: leave one core for the model; none on a 1-2 core machine, where the extra
+    process costs more than it saves for small batches."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus - 1)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    pin_memory: bool = False,
+    sampler=None,
+) -> DataLoader:
+    """A DataLoader whose order and augmentation depend only on `seed` (workers are seeded from it)."""
+    workers = default_workers() if workers is None else workers
+    if isinstance(dataset, IterableDataset):
+        workers = 0  # a path stream has one reader; several would duplicate it
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def batches_needed(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
