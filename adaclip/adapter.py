@@ -1,0 +1,397 @@
+"""The user-facing objects: `Adapter` (a backbone + trained method + metadata) and `fit` / `load`.
+
+import adaclip
+adapter = adaclip.fit("images/", method="linear-probe", backbone="lite", shots=16)
+adapter.save("pets.adaclip")
+adapter = adaclip.load("pets.adaclip")
+adapter.predict(["cat.jpg"], top_k=3)
+adapter.evaluate("images/test")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from .adapter_file import (
+    AdapterMetadata,
+    DataRecord,
+    created_at_now,
+    read_adapter_file,
+    read_adapter_header,
+    write_adapter_file,
+)
+from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone
+from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data
+from .errors import AdapterFileError, InputError, UsageError
+from .inference import encode_images, logits_in_batches, stream_predictions
+from .methods import make_method_config, method_config_class
+from .metrics import ClassificationReport, classification_report
+from .model import AdaptedCLIP
+from .templates import resolve_templates
+from .training import train
+from .ui import log
+
+
+@dataclass
+class Prediction:
+    """One image's result: best label and score, and the top-k (label, probability) pairs."""
+
+    path: str | None
+    label: str | None
+    score: float | None
+    class_index: int | None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"path": self.path, "label": self.label, "score": self.score}
+        record["top_k"] = [{"label": label, "score": score} for label, score in self.top_k]
+        if self.error:
+            record["error"] = self.error
+        return record
+
+
+class Adapter:
+    """A backbone with a method's trained parts, ready to predict, evaluate, adapt further, or save."""
+
+    def __init__(self, model: AdaptedCLIP, metadata: AdapterMetadata, *, fit_seconds: float | None = None):
+        self.model = model
+        self.metadata = metadata
+        self.fit_seconds = fit_seconds
+        model.eval()
+
+    # --- description ------------------------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.metadata.method
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.model.backbone
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.model.class_names)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.metadata.trainable_params
+
+    def info(self) -> dict[str, Any]:
+        """The metadata plus the parameter breakdown, as plain data."""
+        document = self.metadata.model_dump(mode="json")
+        document["parameter_breakdown"] = self.model.parameter_breakdown()
+        return document
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the `.adaclip` file atomically (refuses to overwrite unless `force`)."""
+        return write_adapter_file(path, self.model.adapter_state(), self.metadata, force=force)
+
+    def merge(self) -> Adapter:
+        """Precompute what inference can reuse (e.g. AdaRing's per-layer matrices). Returns self."""
+        for component in self.model.components:
+            component.merge()
+        return self
+
+    # --- prediction -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) for preprocessed pixels (use `backbone.eval_transform()`)."""
+        self.model.eval()
+        return self.model(pixels.to(self.backbone.device))
+
+    def predict(
+        self,
+        images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
+        *,
+        top_k: int = 5,
+        batch_size: int = 64,
+    ) -> list[Prediction]:
+        """Predict labels for image paths, folders, globs or PIL images (unreadable files get `error`)."""
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        pil = [im for im in images if isinstance(im, Image.Image)]
+        if pil and len(pil) == len(images):
+            transform = self.backbone.eval_transform()
+            results = []
+            for start in range(0, len(pil), batch_size):
+                pixels = torch.stack([transform(im.convert("RGB")) for im in pil[start : start + batch_size]])
+                probs = self.logits(pixels).float().softmax(dim=-1).cpu()
+                results.extend(self._prediction(None, row, top_k) for row in probs)
+            return results
+        if pil:
+            raise UsageError("pass either PIL images or paths, not a mix")
+        return list(self.iter_predict(iter_input_paths([str(p) for p in images]), top_k=top_k, batch_size=batch_size))
+
+    def iter_predict(self, paths: Iterable[Path], *, top_k: int = 5, batch_size: int = 64) -> Iterator[Prediction]:
+        """Stream predictions in input order with bounded memory; unreadable images yield an error record."""
+        transform = self.backbone.eval_transform()
+        for item in stream_predictions(self.model, paths, transform, batch_size=batch_size):
+            if item.probabilities is None:
+                yield Prediction(item.path, None, None, None, error=item.error)
+            else:
+                yield self._prediction(item.path, item.probabilities, top_k)
+
+    def _prediction(self, path: str | None, probs: torch.Tensor, top_k: int) -> Prediction:
+        k = max(1, min(top_k, len(probs)))
+        scores, indices = probs.topk(k)
+        names = self.model.class_names
+        pairs = [(names[i], round(float(s), 6)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+        return Prediction(path, pairs[0][0], pairs[0][1], int(indices[0]), pairs)
+
+    @contextlib.contextmanager
+    def classes(self, class_names: list[str] | None) -> Iterator[None]:
+        """Temporarily score a different class list (class-agnostic methods)."""
+        if class_names is None or list(class_names) == self.model.class_names:
+            yield
+            return
+        original = self.model.class_names
+        self.model.set_classes(class_names)
+        try:
+            yield
+        finally:
+            self.model.set_classes(original)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        data: str | Path | ImageFolder,
+        *,
+        classes_file: str | Path | None = None,
+        batch_size: int = 64,
+        workers: int | None = None,
+    ) -> ClassificationReport:
+        """Accuracy, macro-F1, per-class scores and confusion matrix on a labelled folder.
+
+        The folder's classes may be a subset of the adapter's (scored among all adapter classes), or,
+        for class-agnostic methods, entirely new class names (scored among the folder's classes).
+        """
+        folder = data if isinstance(data, ImageFolder) else prepare_eval_data(data, classes_file)
+        label_map, class_names = self._align_classes(folder.folders, folder.class_names)
+        with self.classes(class_names):
+            encoded = encode_images(
+                self.model,
+                folder.images,
+                self.backbone.eval_transform(),
+                batch_size=batch_size,
+                workers=workers,
+                description="evaluating",
+            )
+            if len(encoded.labels) == 0:
+                raise InputError("no readable images to evaluate", path=folder.root)
+            predictions = logits_in_batches(self.model, encoded.features).argmax(dim=-1).cpu()
+        truth = torch.tensor([label_map[i] for i in encoded.labels.tolist()])
+        report = classification_report(truth, predictions, class_names)
+        report.skipped_images = len(encoded.skipped)
+        return report
+
+    def _align_classes(self, folders: list[str], names: list[str]) -> tuple[list[int], list[str]]:
+        """Map a labelled folder's classes onto the classes to score among."""
+        own_folders = self.metadata.class_folders or []
+        if folders == own_folders or (not own_folders and names == self.model.class_names):
+            return list(range(len(folders))), self.model.class_names
+        if own_folders and set(folders) <= set(own_folders):
+            position = {f: i for i, f in enumerate(own_folders)}
+            return [position[f] for f in folders], self.model.class_names
+        if not method_config_class(self.method).class_agnostic:
+            raise InputError(
+                f"the folder's classes are not the {len(own_folders or self.model.class_names)} classes "
+                f"this {self.method} adapter was trained on",
+                fix="evaluate on folders named like the training classes",
+            )
+        log.info(f"scoring among the folder's {len(names)} class names (new to this adapter)")
+        return list(range(len(folders))), names
+
+
+# ------------------------------------------------------------------------------------------ fit / load
+
+
+def fit(
+    data: str | Path,
+    method: str = "adaring",
+    *,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    shots: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    classes: str | Path | None = None,
+    templates: str | list[str] | None = "default",
+    val_split: float | Literal["auto"] = "auto",
+    device: str | None = None,
+    precision: str = "auto",
+    config: dict[str, Any] | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
+) -> Adapter:
+    """Train `method` on the image folder `data` and return the adapter (save it with `.save(path)`).
+
+    `config` holds method settings (see `adaclip info --method NAME`), e.g. {"ranks": [2, 4]} or
+    {"train": {"weight_decay": 0.01}}; `epochs`, `batch_size` and `lr` override the method's recipe.
+    """
+    overrides = _merge_train_overrides(config, epochs=epochs, batch_size=batch_size, lr=lr)
+    method_config = make_method_config(method, overrides)
+    template_list = resolve_templates(templates)
+    training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
+    for note in training_data.notes:
+        log.warning(note)
+    if isinstance(backbone, Backbone):
+        backbone_obj = backbone
+    else:
+        backbone_obj = create_backbone(backbone, pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    model = AdaptedCLIP(backbone_obj, method_config, training_data.class_names, template_list, seed=seed)
+    log.info(
+        f"{method}: {len(training_data.train)} training images, {len(training_data.class_names)} classes, "
+        f"{model.n_trainable():,} trainable parameters, validation: {training_data.val_source}"
+    )
+    outcome = train(model, training_data, seed=seed, workers=workers)
+    metadata = AdapterMetadata(
+        created_at=created_at_now(),
+        backbone=backbone_obj.identity,
+        method=method,
+        method_config=method_config.model_dump(mode="json"),
+        class_names=training_data.class_names,
+        class_folders=training_data.folders,
+        templates=template_list,
+        preprocess=backbone_obj.preprocess,
+        seed=seed,
+        trainable_params=model.n_trainable(),
+        data=DataRecord(**training_data.describe()),
+        training=outcome.record,
+    )
+    return Adapter(model, metadata, fit_seconds=outcome.seconds)
+
+
+def _merge_train_overrides(config: dict[str, Any] | None, **train_values: Any) -> dict[str, Any]:
+    merged = dict(config or {})
+    chosen = {k: v for k, v in train_values.items() if v is not None}
+    if chosen:
+        merged["train"] = {**(merged.get("train") or {}), **chosen}
+    return merged
+
+
+def zero_shot_adapter(
+    class_names: list[str] | str | Path,
+    *,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    templates: str | list[str] | None = "default",
+    device: str | None = None,
+    precision: str = "auto",
+    cache_dir: str | None = None,
+) -> Adapter:
+    """A zero-shot adapter for a list of class names (or a class file): nothing trained, a valid file."""
+    if isinstance(class_names, (str, Path)):
+        class_names = _read_name_list(Path(class_names))
+    if len(class_names) < 2:
+        raise InputError("zero-shot classification needs at least 2 class names")
+    backbone_obj = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else create_backbone(backbone, pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    )
+    template_list = resolve_templates(templates)
+    config = make_method_config("zeroshot")
+    model = AdaptedCLIP(backbone_obj, config, list(class_names), template_list)
+    metadata = AdapterMetadata(
+        created_at=created_at_now(),
+        backbone=backbone_obj.identity,
+        method="zeroshot",
+        method_config=config.model_dump(mode="json"),
+        class_names=list(class_names),
+        templates=template_list,
+        preprocess=backbone_obj.preprocess,
+        seed=0,
+        trainable_params=0,
+    )
+    return Adapter(model, metadata)
+
+
+def _read_name_list(path: Path) -> list[str]:
+    """Class names from a file: one per line, or a JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read class file ({getattr(exc, 'strerror', None) or exc})", path=path) from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"class file is not valid JSON ({exc.msg})", path=path) from None
+        if not isinstance(names, list):
+            raise InputError("class file JSON must be a list of names", path=path)
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load(
+    path: str | Path,
+    *,
+    backbone: Backbone | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    cache_dir: str | None = None,
+) -> Adapter:
+    """Read an adapter file, build its backbone (or check the given one matches) and restore its state.
+
+    `pretrained` replaces the recorded weights source (e.g. a local copy of the same checkpoint); a
+    checkpoint file must have the same sha256 as the one the adapter was trained with.
+    """
+    path = Path(path)
+    header = read_adapter_header(path)
+    method_config_class(header.method)  # unknown method -> clear error before any heavy work
+    config = make_method_config(header.method, header.method_config)
+    if backbone is None:
+        source = pretrained or header.backbone.pretrained
+        if header.backbone.checkpoint_sha256 and pretrained is None:
+            raise AdapterFileError(
+                f"this adapter was trained on a local checkpoint ({header.backbone.pretrained})",
+                path=path,
+                fix="pass --pretrained /path/to/that/checkpoint",
+            )
+        backbone = create_backbone(
+            header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
+        )
+    problem = header.backbone.mismatch(backbone.identity)
+    if problem:
+        raise AdapterFileError(
+            f"adapter was trained on {header.backbone.describe()} but the backbone given does not match: {problem}",
+            path=path,
+            fix="use the backbone and weights the adapter was trained with",
+        )
+    metadata, tensors = read_adapter_file(path)
+    model = AdaptedCLIP(backbone, config, metadata.class_names, metadata.templates, seed=metadata.seed)
+    expected = model.adapter_state()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"adapter tensors do not fit {metadata.method} on this backbone "
+            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})",
+            path=path,
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise AdapterFileError(
+                f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}",
+                path=path,
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    model.eval()
+    return Adapter(model, metadata)

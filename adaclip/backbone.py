@@ -1,0 +1,505 @@
+"""Backbones: one factory turns a model name + pretrained tag (or checkpoint file) into a frozen CLIP.
+
+`create_backbone("ViT-B-16", "openai")` wraps open_clip's own factory and adds what adaclip needs on
+top: weights that fail fast when they cannot be had (no minute of hub retries), a record of exactly
+which weights were used (for adapter files), the device and precision policy, and the image
+transforms. `create_backbone("lite")` builds the embedded offline backbone (adaclip.lite).
+
+The backbone is always frozen and in eval mode: methods add their trainable parts around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torchvision import transforms as T
+
+from .errors import BackboneUnavailableError, UsageError
+from .ui import log
+
+DEFAULT_BACKBONE = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+LITE_NAME = "lite"
+NETWORK_PROBE_SECONDS = 3.0
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class PreprocessConfig(BaseModel):
+    """How images become model input; recorded in adapter files so predict matches training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
+
+
+class BackboneIdentity(BaseModel):
+    """What must match between an adapter file and the backbone it is applied to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    pretrained: str  # an open_clip tag, "none", or a checkpoint file name
+    checkpoint_sha256: str | None = None  # set when pretrained is a local file
+    embed_dim: int
+    image_size: int
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.pretrained}"
+
+    def mismatch(self, other: BackboneIdentity) -> str | None:
+        """A sentence saying how `other` differs from this identity, or None when they match."""
+        if self.name != other.name:
+            return f"backbone {other.name!r} differs from {self.name!r}"
+        if self.checkpoint_sha256 or other.checkpoint_sha256:
+            if self.checkpoint_sha256 != other.checkpoint_sha256:
+                return (
+                    f"checkpoint sha256 {str(other.checkpoint_sha256)[:12]} differs from "
+                    f"{str(self.checkpoint_sha256)[:12]}"
+                )
+        elif self.pretrained != other.pretrained:
+            return f"pretrained weights {other.pretrained!r} differ from {self.pretrained!r}"
+        if (self.embed_dim, self.image_size) != (other.embed_dim, other.image_size):
+            return "embedding size or image size differs"
+        return None
+
+
+@dataclass
+class Towers:
+    """The two encoders as module subtrees, for methods that inject into them."""
+
+    image: nn.Module
+    text: nn.Module
+
+
+class Backbone:
+    """A frozen CLIP-style dual encoder with its tokenizer, transforms, device and precision."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        preprocess: PreprocessConfig,
+        identity: BackboneIdentity,
+        device: torch.device,
+        precision: str,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.identity = identity
+        self.device = device
+        self.precision = precision
+        model.requires_grad_(False)
+        model.eval()
+        # Frozen: a plain float, so no method can train it by accident.
+        self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0).item())
+
+    # --- properties -------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.identity.embed_dim
+
+    @property
+    def towers(self) -> Towers:
+        text = getattr(self.model, "text", None)
+        if text is None:  # open_clip's CLIP keeps the text tower's parts on the model itself
+            text = self.model.transformer
+        return Towers(image=self.model.visual, text=text)
+
+    # --- encoding ---------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("bf16", "fp16") and self.device.type in ("cuda", "cpu"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised float32 image embeddings (B, D)."""
+        with self.autocast():
+            return self.model.encode_image(pixels.to(self.device, non_blocking=True)).float()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised float32 text embeddings (N, D)."""
+        with self.autocast():
+            return self.model.encode_text(tokens.to(self.device)).float()
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def encode_prompts(self, class_names: list[str], templates: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised class embeddings (K, D): each class's template embeddings averaged (CLIP's ensemble).
+
+        Gradients flow when the text tower carries trainable parts; callers use no_grad otherwise.
+        """
+        prompts = [template.format(name) for name in class_names for template in templates]
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenize(prompts[start : start + batch_size])
+            chunks.append(F.normalize(self.encode_text(tokens), dim=-1))
+        per_prompt = torch.cat(chunks).view(len(class_names), len(templates), -1)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+    # --- transforms -------------------------------------------------------------------------------
+
+    def eval_transform(self) -> Callable:
+        return image_transform(self.preprocess, train=False)
+
+    def train_transform(self, min_scale: float = 0.5) -> Callable:
+        return image_transform(self.preprocess, train=True, min_scale=min_scale)
+
+    def sample_image(self) -> torch.Tensor:
+        """A (1, 3, H, W) zero image on the device: for shape probes."""
+        size = self.preprocess.size
+        return torch.zeros(1, 3, size, size, device=self.device)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def image_transform(cfg: PreprocessConfig, *, train: bool, min_scale: float = 0.5) -> Callable:
+    """PIL RGB image -> normalised tensor. Training adds random resized crop + horizontal flip (the
+    CoOp / CLIP-LoRA few-shot recipe); evaluation resizes and centre-crops like open_clip."""
+    interp = _INTERPOLATION[cfg.interpolation]
+    normalize = T.Normalize(cfg.mean, cfg.std)
+    if train:
+        return T.Compose(
+            [
+                T.RandomResizedCrop(cfg.size, scale=(min_scale, 1.0), interpolation=interp, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+    if cfg.resize_mode == "squash":
+        resize: list = [T.Resize((cfg.size, cfg.size), interpolation=interp, antialias=True)]
+    elif cfg.resize_mode == "longest":
+        resize = [_ResizeLongestPad(cfg.size, interp)]
+    else:
+        resize = [T.Resize(cfg.size, interpolation=interp, antialias=True), T.CenterCrop(cfg.size)]
+    return T.Compose([*resize, T.ToTensor(), normalize])
+
+
+class _ResizeLongestPad:
+    """Resize so the longest side fits, then pad to a square (open_clip's `longest` mode)."""
+
+    def __init__(self, size: int, interp):
+        self.size = size
+        self.interp = interp
+
+    def __call__(self, img):
+        w, h = img.size
+        scale = self.size / max(w, h)
+        img = T.functional.resize(img, [max(1, round(h * scale)), max(1, round(w * scale))], self.interp)
+        w, h = img.size
+        left, top = (self.size - w) // 2, (self.size - h) // 2
+        return T.functional.pad(img, [left, top, self.size - w - left, self.size - h - top], fill=0)
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """`auto` (or None) picks cuda, then mps, then cpu."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}", fix="use auto, cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but CUDA is not available here", fix="use --device cpu")
+    return chosen
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on CUDA (fast, no loss scaling needed), fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown precision {precision!r}", fix="use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("fp16 needs a CUDA device", fix="use --precision fp32 or bf16")
+    return precision
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build a frozen backbone.
+
+    name:       any open_clip model name (`open_clip.list_models()`), or `lite` (embedded, offline).
+    pretrained: an open_clip pretrained tag, a local checkpoint file, or `none` (random weights, for
+                timing and tests). Weights that are not cached fail within seconds when the hub is
+                unreachable, with a message saying how to get them.
+    """
+    torch_device = device if isinstance(device, torch.device) else select_device(device)
+    precision = resolve_precision(precision, torch_device)
+    if name == LITE_NAME:
+        return _create_lite(pretrained, torch_device, precision)
+
+    import open_clip
+
+    _register_extra_model_configs()
+    if name not in open_clip.list_models():
+        raise UsageError(
+            f"unknown backbone {name!r}",
+            fix="see `python -c 'import open_clip; print(open_clip.list_models())'`, or use --backbone lite",
+        )
+    pretrained = pretrained or "none"
+    create_kwargs: dict[str, Any] = {}
+    checkpoint_sha = None
+    if pretrained.lower() == "none":
+        pretrained = "none"
+        log.warning(f"{name}: random weights (--pretrained none); predictions are meaningless")
+        weights: str | None = None
+    elif Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser()
+        weights = str(path)
+        checkpoint_sha = file_sha256(path)
+        pretrained = path.name
+    else:
+        weights, create_kwargs = _resolve_pretrained_tag(name, pretrained, cache_dir)
+
+    try:
+        # Random weights (`none`) are seeded, so every process builds the same "random" backbone and
+        # adapters trained on it stay loadable.
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(
+                name, pretrained=weights, device=torch_device, cache_dir=cache_dir, **create_kwargs
+            )
+    except BackboneUnavailableError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise BackboneUnavailableError(
+            f"cannot load {name} weights from {pretrained!r} ({_first_line(exc)})",
+            fix="check that the checkpoint is an open_clip state dict for this model",
+        ) from None
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else int(cfg["size"][0])
+    preprocess = PreprocessConfig(
+        size=size,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+    )
+    embed_dim = _embed_dim(model, torch_device, size)
+    identity = BackboneIdentity(
+        name=name,
+        pretrained=pretrained,
+        checkpoint_sha256=checkpoint_sha,
+        embed_dim=embed_dim,
+        image_size=size,
+    )
+    return Backbone(model, tokenizer, preprocess, identity, torch_device, precision)
+
+
+def _register_extra_model_configs() -> None:
+    """Model configs from ADACLIP_MODEL_CONFIGS (folders or JSON files, os.pathsep-separated): custom
+    architectures become backbone names without editing open_clip."""
+    import open_clip
+
+    for entry in filter(None, os.environ.get("ADACLIP_MODEL_CONFIGS", "").split(os.pathsep)):
+        if not Path(entry).exists():
+            raise UsageError("ADACLIP_MODEL_CONFIGS names a path that does not exist", path=entry)
+        open_clip.add_model_config(entry)
+
+
+def _create_lite(pretrained: str | None, device: torch.device, precision: str) -> Backbone:
+    if pretrained not in (None, "none", DEFAULT_PRETRAINED, LITE_NAME, "default"):
+        raise UsageError(f"--pretrained {pretrained!r} does not apply to the lite backbone", fix="omit --pretrained")
+    try:
+        from .lite import LITE_INFO, build_lite_model
+    except ImportError as exc:
+        raise BackboneUnavailableError(str(exc), fix="pip install 'adaclip[lite]'") from None
+    model, tokenizer, cfg = build_lite_model(device=device)
+    preprocess = PreprocessConfig(**cfg)
+    identity = BackboneIdentity(
+        name=LITE_NAME,
+        pretrained=str(LITE_INFO["version"]),
+        embed_dim=int(LITE_INFO["embed_dim"]),
+        image_size=preprocess.size,
+    )
+    return Backbone(model, tokenizer, preprocess, identity, device, precision)
+
+
+def _embed_dim(model: nn.Module, device: torch.device, size: int) -> int:
+    text_projection = getattr(model, "text_projection", None)
+    if isinstance(text_projection, torch.Tensor):
+        return int(text_projection.shape[-1])
+    with torch.no_grad():
+        return int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def _resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, dict[str, Any]]:
+    """Find the weights for an open_clip tag without hanging: a cached file loads offline; otherwise the
+    hub is probed for a few seconds before open_clip is allowed to download."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UsageError(
+            f"{tag!r} is neither a pretrained tag of {name} nor an existing file",
+            fix=f"tags for {name}: {', '.join(tags) or 'none'}; or give a checkpoint path, or --pretrained none",
+        )
+    # Loading a cached file by path skips open_clip's hub call (which retries for about a minute
+    # offline), so the tag's preprocessing and activation settings are passed along explicitly.
+    tag_kwargs = {
+        "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
+        "force_preprocess_cfg": {
+            k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if tag_cfg.get(k) is not None
+        },
+    }
+    cached = _cached_weights(tag_cfg, cache_dir)
+    if cached:
+        return cached, tag_kwargs
+    hub_host, hub_port, where = _weights_host(tag_cfg)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not host_reachable(hub_host, hub_port):
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{hub_host} is unreachable"
+        raise BackboneUnavailableError(
+            f"cannot get {name}/{tag} weights: {reason} and they are not in the cache ({cache_dir or where})",
+            fix=(
+                "pass --pretrained /path/to/checkpoint, point --cache-dir at a cache that has them, "
+                "download them once on a machine with network, or use --backbone lite"
+            ),
+        )
+    # Reachable: let open_clip download with its usual progress output.
+    return tag, {}
+
+
+def _cached_weights(tag_cfg: dict, cache_dir: str | None) -> str | None:
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hf_hub = tag_cfg.get("hf_hub", "")
+    if hf_hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hf_hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        # open_clip prefers a .safetensors sibling of the listed file; look for it first.
+        if filename == "open_clip_pytorch_model.bin":
+            candidates = ["open_clip_model.safetensors", filename]
+        elif filename.endswith((".bin", ".pth")):
+            candidates = [filename[:-4] + ".safetensors", filename]
+        else:
+            candidates = [filename]
+        for candidate in dict.fromkeys(candidates):
+            found = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+    url = tag_cfg.get("url", "")
+    if url:
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
+        return str(target) if target.is_file() else None
+    return None
+
+
+def _weights_host(tag_cfg: dict) -> tuple[str, int, str]:
+    """(host, port, cache location) that a download of this tag would use."""
+    if tag_cfg.get("hf_hub"):
+        from huggingface_hub import constants
+
+        url = urlparse(os.environ.get("HF_ENDPOINT") or getattr(constants, "ENDPOINT", "https://huggingface.co"))
+        where = constants.HF_HUB_CACHE
+    else:
+        url = urlparse(tag_cfg.get("url", ""))
+        where = os.path.expanduser("~/.cache/clip")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    return url.hostname or "huggingface.co", port, where
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = NETWORK_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(outcome and outcome[0])
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs through the root logger (e.g. 'No pretrained weights loaded'); adaclip says what
+    matters itself, on stderr, once."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,127 @@
+"""Running a model over many images: batched, skipping unreadable files, bounded memory.
+
+Used by training (feature caches, validation), `predict`, `eval` and `tta`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import Batch, ImageDataset, LabelledImage, SkippedImage, StreamingImageDataset, make_loader
+from .model import AdaptedCLIP
+from .ui import log, progress
+
+
+@dataclass
+class EncodedImages:
+    """Features of the images that could be read, in dataset order, and the ones that could not."""
+
+    features: torch.Tensor  # (N, D) normalised, on the model's device
+    labels: torch.Tensor  # (N,) -1 where unknown
+    indices: torch.Tensor  # (N,) positions in the input list
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+
+def iterate_batches(
+    images: Sequence[LabelledImage] | Sequence[Path],
+    transform: Callable,
+    *,
+    batch_size: int,
+    workers: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[Batch]:
+    if images and isinstance(images[0], LabelledImage):
+        dataset = ImageDataset.from_labelled(images, transform)  # type: ignore[arg-type]
+    else:
+        dataset = ImageDataset(list(images), None, transform)  # type: ignore[arg-type]
+    yield from make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, workers=workers)
+
+
+@torch.no_grad()
+def encode_images(
+    model: AdaptedCLIP,
+    images: Sequence[LabelledImage] | Sequence[Path],
+    transform: Callable,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    description: str = "encoding",
+) -> EncodedImages:
+    """Normalised image features through the (adapted) image tower, eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, labels, indices, skipped = [], [], [], []
+    try:
+        with progress(description, total=len(images)) as advance:
+            for batch in iterate_batches(images, transform, batch_size=batch_size, workers=workers):
+                skipped.extend(batch.skipped)
+                if len(batch.labels):
+                    feats.append(model.image_features(batch.pixels))
+                    labels.append(batch.labels)
+                    indices.append(batch.indices)
+                advance(len(batch.labels) + len(batch.skipped))
+    finally:
+        model.train(was_training)
+    report_skipped(skipped)
+    device = model.backbone.device
+    if not feats:
+        empty = torch.empty(0, model.backbone.embed_dim, device=device)
+        return EncodedImages(empty, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+    return EncodedImages(torch.cat(feats), torch.cat(labels), torch.cat(indices), skipped)
+
+
+def report_skipped(skipped: Sequence[SkippedImage], limit: int = 5) -> None:
+    """One warning per unreadable image for the first few, then a count."""
+    for item in skipped[:limit]:
+        log.warning(f"skipped unreadable image {item.path}: {item.reason}")
+    if len(skipped) > limit:
+        log.warning(f"skipped {len(skipped) - limit} more unreadable images")
+
+
+@torch.no_grad()
+def logits_in_batches(model: AdaptedCLIP, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Head logits for cached features, in chunks (RAda's head grows with classes squared)."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model.logits_from_features(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return torch.empty(0, len(model.class_names), device=features.device)
+    return torch.cat(chunks)
+
+
+@dataclass
+class StreamedPrediction:
+    index: int
+    path: str
+    probabilities: torch.Tensor | None  # (K,) on cpu; None when skipped
+    error: str | None = None
+
+
+@torch.no_grad()
+def stream_predictions(
+    model: AdaptedCLIP,
+    paths: Iterable[Path],
+    transform: Callable,
+    *,
+    batch_size: int = 64,
+) -> Iterator[StreamedPrediction]:
+    """Probabilities per image, in input order, holding one batch in memory at a time."""
+    model.eval()
+    dataset = StreamingImageDataset(paths, transform)
+    for batch in make_loader(dataset, batch_size=batch_size, workers=0):
+        results = [StreamedPrediction(s.index, s.path, None, s.reason) for s in batch.skipped]
+        if len(batch.labels):
+            probs = model(batch.pixels).float().softmax(dim=-1).cpu()
+            results += [
+                StreamedPrediction(index, path, probs[row])
+                for row, (index, path) in enumerate(zip(batch.indices.tolist(), batch.paths, strict=True))
+            ]
+        yield from sorted(results, key=lambda r: r.index)

@@ -1,0 +1,176 @@
+"""The building blocks every method is made of, and the registry that names methods.
+
+A method is a pydantic config (registered by name) whose `build()` returns `Parts`:
+
+* components: trainable pieces that live inside or around the encoders (AdaRing adapters, LoRA, full
+  fine-tuning, learned prompts). A component may adapt the image tower, the text tower, or neither;
+  the training loop uses that to decide what can be cached.
+* a head: turns normalised image and class features into logits (cosine similarity, RAda's mask over
+  the rational matrix, a linear probe).
+
+Methods therefore differ only in what they build; the training loop, adapter file, prediction and TTA
+code are shared. Composite methods (e.g. `adaring+rada`) reuse the parts of their members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..model import StepContext
+
+
+class TrainConfig(BaseModel):
+    """The optimisation recipe. Each method sets defaults that work for it; the CLI can override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0, description="passes over the training images")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay on matrices (not on 1-D params)")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up length, then cosine decay to 0")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: bool = Field(True, description="random resized crop + horizontal flip on training images")
+    min_crop_scale: float = Field(0.5, gt=0, le=1, description="smallest area fraction a random crop keeps")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    feature_cache: Literal["off", "plain", "augmented"] = Field(
+        "augmented",
+        description=(
+            "when the image encoder is frozen: encode each training image once ('plain', no augmentation), "
+            "or `cache_views` augmented views and cycle through them ('augmented'); 'off' re-encodes every epoch"
+        ),
+    )
+    cache_views: int = Field(4, ge=1, description="augmented views per image kept by feature_cache='augmented'")
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config. Subclasses add their own fields and implement `build()`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # False for methods with nothing to train (zero-shot): fit writes the file without a training loop.
+    trainable: ClassVar[bool] = True
+    # True when the method can score class names it was not trained on (base-to-new generalisation).
+    class_agnostic: ClassVar[bool] = True
+
+    train: TrainConfig = TrainConfig()
+
+    def build(self, ctx: BuildContext) -> Parts:
+        raise NotImplementedError
+
+
+@dataclass
+class BuildContext:
+    """What a method may look at while building its parts."""
+
+    backbone: Backbone
+    class_names: list[str]
+    templates: list[str]
+    zero_shot_class_features: Callable[[], torch.Tensor]  # (K, D) normalised, frozen encoders
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class HeadOutput:
+    logits: torch.Tensor  # (B, K)
+    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, added to the loss
+
+
+class Component(nn.Module):
+    """A trainable piece attached to the backbone. Its `state_dict()` is exactly what gets saved."""
+
+    adapts_image_tower: bool = False
+    adapts_text_tower: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True  # False bypasses the component (used for frozen zero-shot references)
+
+    def attach(self, backbone: Backbone) -> None:
+        """Install hooks or wrappers into the backbone. Called once, after construction."""
+
+    def detach(self) -> None:
+        """Undo `attach`, leaving the backbone exactly as it was."""
+
+    def prepare(self) -> None:
+        """Called before each pass through the towers (e.g. to rebuild weights from tensor cores once)."""
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Extra weighted loss terms for a training step."""
+        return {}
+
+    def class_features(self, backbone: Backbone, class_names: list[str], templates: list[str]) -> torch.Tensor | None:
+        """Override to compute class features differently (learned prompts); None keeps the default."""
+        return None
+
+    def merge(self) -> None:
+        """Precompute whatever makes inference cheaper; training after merge() needs unmerge()."""
+
+    def unmerge(self) -> None:
+        """Undo `merge`."""
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Trainable parameters by part, for `adaclip info` and the fit summary."""
+        return {name: p.numel() for name, p in self.named_parameters() if p.requires_grad}
+
+
+class Head(nn.Module):
+    """Normalised image features (B, D) and class features (K, D) -> logits (B, K)."""
+
+    def forward(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
+        raise NotImplementedError
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        return {name: p.numel() for name, p in self.named_parameters() if p.requires_grad}
+
+
+class CosineHead(Head):
+    """CLIP's own classifier: scaled cosine similarity. No parameters."""
+
+    def forward(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
+        return HeadOutput(logits=logit_scale * image_features @ class_features.t())
+
+
+@dataclass
+class Parts:
+    components: list[Component] = field(default_factory=list)
+    head: Head = field(default_factory=CosineHead)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(config_class: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make a method available by its `name` (CLI `--method`, adapter files)."""
+    name = config_class.name
+    if not name:
+        raise ValueError(f"{config_class.__name__} needs a `name`")
+    if name in _REGISTRY and _REGISTRY[name] is not config_class:
+        raise ValueError(f"method {name!r} is registered twice")
+    _REGISTRY[name] = config_class
+    return config_class
+
+
+def method_registry() -> dict[str, type[MethodConfig]]:
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    return dict(_REGISTRY)

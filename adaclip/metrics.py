@@ -1,0 +1,67 @@
+"""Classification metrics from predicted and true labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class ClassScore:
+    name: str
+    support: int
+    accuracy: float | None  # recall: correct / support; None without support
+    precision: float | None
+    f1: float | None
+
+
+@dataclass
+class ClassificationReport:
+    n_images: int
+    accuracy: float
+    macro_f1: float
+    per_class: list[ClassScore]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    skipped_images: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int) -> torch.Tensor:
+    index = y_true.long() * n_classes + y_pred.long()
+    return torch.bincount(index, minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
+def classification_report(
+    y_true: Sequence[int] | torch.Tensor, y_pred: Sequence[int] | torch.Tensor, class_names: Sequence[str]
+) -> ClassificationReport:
+    """Accuracy, macro-F1 over classes that have support, per-class scores, confusion matrix."""
+    y_true = torch.as_tensor(y_true, dtype=torch.long)
+    y_pred = torch.as_tensor(y_pred, dtype=torch.long)
+    k = len(class_names)
+    cm = confusion_matrix(y_true, y_pred, k) if len(y_true) else torch.zeros(k, k, dtype=torch.long)
+    tp = cm.diag().double()
+    support = cm.sum(dim=1).double()
+    predicted = cm.sum(dim=0).double()
+    per_class = []
+    f1s = []
+    for i, name in enumerate(class_names):
+        recall = float(tp[i] / support[i]) if support[i] > 0 else None
+        precision = float(tp[i] / predicted[i]) if predicted[i] > 0 else (0.0 if support[i] > 0 else None)
+        if recall is None:
+            f1 = None
+        else:
+            p = precision or 0.0
+            f1 = 0.0 if (p + recall) == 0 else 2 * p * recall / (p + recall)
+            f1s.append(f1)
+        per_class.append(ClassScore(name, int(support[i]), recall, precision, f1))
+    n = int(len(y_true))
+    accuracy = float(tp.sum() / n) if n else 0.0
+    macro_f1 = float(sum(f1s) / len(f1s)) if f1s else 0.0
+    return ClassificationReport(
+        n_images=n, accuracy=accuracy, macro_f1=macro_f1, per_class=per_class, confusion=cm.tolist()
+    )
