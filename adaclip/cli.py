@@ -1,0 +1,517 @@
+"""The `adaclip` command: a thin Typer layer over the library.
+
+Each command parses options, calls the Python API, and writes results to stdout in the chosen format.
+Errors become one line on stderr and an exit code (0 ok, 1 runtime failure, 2 bad usage or input);
+`--debug` (anywhere on the command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from . import __version__
+from .errors import AdaclipError, UsageError
+from .output import FORMATS, flatten, key_value_table, stdout_console, write_json, write_records
+from .ui import log
+
+app = typer.Typer(
+    name="adaclip",
+    help=(
+        "Adapt a pretrained CLIP model to your own images.\n\n"
+        "Typical use: adaclip fit ./images --method adaring -o pets.adaclip, then "
+        "adaclip predict pets.adaclip photo.jpg, or adaclip eval pets.adaclip ./images/test."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
+_state = {"debug": False}
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (accepted anywhere on the line)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
+) -> None:
+    _state["debug"] = debug or bool(os.environ.get("ADACLIP_DEBUG"))
+    log.configure(quiet=quiet, verbose=verbose)
+
+
+def command(*args: Any, **kwargs: Any):
+    """`app.command` plus adaclip's error policy: an AdaclipError becomes one line on stderr and its
+    exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*fargs: Any, **fkwargs: Any):
+            try:
+                return function(*fargs, **fkwargs)
+            except AdaclipError as exc:
+                if _state["debug"]:
+                    traceback.print_exc()
+                log.error(exc.one_line())
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                log.error("interrupted")
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort, BrokenPipeError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+                if _state["debug"]:
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0]
+                log.error(f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+                raise typer.Exit(1) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return decorate
+
+
+def _format_option(default: str, allowed: tuple[str, ...] = FORMATS) -> Any:
+    return typer.Option(default, "--format", "-f", help=f"Output format on stdout: {', '.join(allowed)}.")
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in allowed:
+        raise UsageError(f"unknown --format {fmt!r}", fix=f"use one of: {', '.join(allowed)}")
+    return fmt
+
+
+BackboneOpt = typer.Option(
+    None, "--backbone", "-b", help="open_clip model name, or `lite` (embedded, offline). Default ViT-B-16."
+)
+PretrainedOpt = typer.Option(
+    None,
+    "--pretrained",
+    "-p",
+    help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights).",
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Where pretrained weights are cached / looked up.")
+BatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass.")
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` items -> nested dict; values are JSON when they parse (numbers, lists, true)."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}", fix="e.g. --set ranks=[2,4] --set train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = settings
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key}: {part} is not a group of settings")
+        node[parts[-1]] = value
+    return settings
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError("config file not found", path=path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"config file is not readable JSON ({exc})", path=path) from None
+    if not isinstance(document, dict):
+        raise UsageError("config file must hold a JSON object of method settings", path=path)
+    return document
+
+
+def _parse_val_split(value: str) -> float | str:
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--val-split must be 'auto' or a fraction, got {value!r}") from None
+
+
+# ------------------------------------------------------------------------------------------ fit
+
+
+@command()
+def fit(
+    data: Path = typer.Argument(
+        ..., help="Image folder: root/<class>/<image>, or root/{train,val,test}/<class>/<image>."
+    ),
+    method: str = typer.Option("adaring", "--method", "-m", help="Method to train; see `adaclip methods`."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Adapter file to write (default: <folder>.<method>.adaclip)."
+    ),
+    backbone: str | None = BackboneOpt,
+    pretrained: str | None = PretrainedOpt,
+    shots: int | None = typer.Option(None, "--shots", help="Few-shot: sample K training images per class (seeded)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the method's epochs."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override the method's batch size."),
+    lr: float | None = typer.Option(None, "--lr", help="Override the method's learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Fixes sampling, initialisation, augmentation and order."),
+    classes: Path | None = typer.Option(
+        None, "--classes", help="Class display names: one per line, JSON list, or JSON {folder: name}."
+    ),
+    templates: str = typer.Option(
+        "default",
+        "--templates",
+        help="Prompt templates: default, ensemble, or a file (one per line, with {}).",
+    ),
+    val_split: str = typer.Option(
+        "auto", "--val-split", help="Validation: auto, 0 (none), or a fraction held out per class."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Method setting key=value (repeatable), e.g. --set ranks=[2,4]."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="JSON file of method settings (--set wins)."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    workers: int | None = typer.Option(
+        None, "--workers", help="Image decoding processes (default: cores-1; 0 on 2 cores)."
+    ),
+    cache_dir: str | None = CacheDirOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
+    fmt: str = _format_option("table", ("table", "json")),
+) -> None:
+    """Train an adapter on a labelled image folder and write it to one `.adaclip` file.
+
+    Examples:
+
+        adaclip fit ./pets --method adaring --shots 16 -o pets.adaclip
+
+        adaclip fit ./pets --method rada --backbone lite --set train.epochs=5 --format json
+    """
+    from .adapter import fit as fit_adapter
+
+    _check_format(fmt, ("table", "json"))
+    output = output or Path(f"{data.resolve().name or 'adapter'}.{method.replace('+', '-')}.adaclip")
+    if output.exists() and not force:
+        raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
+    if not output.parent.resolve().is_dir():
+        raise UsageError("output folder does not exist", path=output.parent)
+    overrides = _deep_merge(_read_config_file(config), parse_settings(settings))
+    adapter = fit_adapter(
+        data,
+        method,
+        backbone=backbone or "ViT-B-16",
+        pretrained=pretrained if pretrained is not None else ("none" if backbone == "lite" else "openai"),
+        shots=shots,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        classes=classes,
+        templates=templates,
+        val_split=_parse_val_split(val_split),
+        device=device,
+        precision=precision,
+        config=overrides,
+        workers=workers,
+        cache_dir=cache_dir,
+    )
+    path = adapter.save(output, force=force)
+    meta = adapter.metadata
+    training = meta.training
+    summary = {
+        "output": str(path),
+        "method": meta.method,
+        "backbone": meta.backbone.describe(),
+        "classes": len(meta.class_names),
+        "train_images": meta.data.n_train if meta.data else None,
+        "val_images": meta.data.n_val if meta.data else None,
+        "trainable_params": meta.trainable_params,
+        "parameter_breakdown": adapter.model.parameter_breakdown(),
+        "epochs": training.epochs if training else 0,
+        "steps": training.steps if training else 0,
+        "final_loss": training.final_loss if training else None,
+        "val_accuracy": training.val_accuracy if training else None,
+        "skipped_images": training.skipped_images if training else 0,
+        "seconds": round(adapter.fit_seconds or 0.0, 2),
+        "file_bytes": path.stat().st_size,
+        "seed": meta.seed,
+    }
+    if fmt == "json":
+        write_json(summary)
+    else:
+        shown = {k: v for k, v in summary.items() if k != "parameter_breakdown"}
+        stdout_console().print(key_value_table(shown.items(), title="adaclip fit"))
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+@command()
+def predict(
+    adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
+    inputs: list[str] = typer.Argument(
+        ..., metavar="PATH...", help="Image files, folders, globs, or - to read paths from stdin."
+    ),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels to report per image."),
+    fmt: str = _format_option("table"),
+    batch_size: int = BatchOpt,
+    classes: Path | None = typer.Option(
+        None,
+        "--classes",
+        help="Score these class names instead (one per line or JSON list; class-agnostic methods).",
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
+    ),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """Label images with an adapter. Unreadable images are reported on stderr and skipped.
+
+    Examples:
+
+        adaclip predict pets.adaclip photo.jpg ./more_photos "shots/*.png"
+
+        find /data -name '*.jpg' | adaclip predict pets.adaclip - --format jsonl > labels.jsonl
+    """
+    from .adapter import _read_name_list, load
+    from .data import iter_input_paths
+
+    _check_format(fmt)
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    class_names = _read_name_list(classes) if classes else None
+    if fmt == "table":  # narrow enough for a terminal: the runners-up share one column
+        columns = ["path", "label", "score"] + (["runners-up"] if top_k > 1 else [])
+    else:
+        columns = ["path", "label", "score"] + [c for i in range(2, top_k + 1) for c in (f"label_{i}", f"score_{i}")]
+    counts = {"ok": 0, "skipped": 0}
+
+    def records():
+        for prediction in adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size):
+            if prediction.error:
+                counts["skipped"] += 1
+                log.warning(f"skipped unreadable image {prediction.path}: {prediction.error}")
+                continue
+            counts["ok"] += 1
+            if fmt in ("json", "jsonl"):
+                yield prediction.to_dict()
+            else:
+                flat = {"path": prediction.path, "label": prediction.label, "score": prediction.score}
+                for rank, (label, score) in enumerate(prediction.top_k[1:], start=2):
+                    flat[f"label_{rank}"], flat[f"score_{rank}"] = label, score
+                flat["runners-up"] = ", ".join(f"{label} {score:.3f}" for label, score in prediction.top_k[1:])
+                yield flat
+
+    with adapter.classes(class_names):
+        write_records(records(), fmt, columns, title=f"{adapter.method} predictions")
+    log.info(
+        f"predicted {counts['ok']} images" + (f", skipped {counts['skipped']} unreadable" if counts["skipped"] else "")
+    )
+    if counts["ok"] == 0:
+        raise UsageError("no readable images among the inputs")
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+@command("eval")
+def evaluate(
+    adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
+    data: Path = typer.Argument(..., help="Labelled folder (uses test/ or val/ when the folder has splits)."),
+    classes: Path | None = typer.Option(None, "--classes", help="Class display names for the folder's classes."),
+    fmt: str = _format_option("table", ("table", "json")),
+    batch_size: int = BatchOpt,
+    workers: int | None = typer.Option(None, "--workers", help="Image decoding processes."),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
+    ),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """Accuracy, per-class accuracy, macro-F1 and confusion matrix on a labelled folder.
+
+    Example:
+
+        adaclip eval pets.adaclip ./pets --format json
+    """
+    from rich.table import Table
+
+    from .adapter import load
+    from .data import prepare_eval_data
+
+    _check_format(fmt, ("table", "json"))
+    folder = prepare_eval_data(data, classes)  # bad data fails before the backbone is built
+    adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    started = time.perf_counter()
+    report = adapter.evaluate(folder, batch_size=batch_size, workers=workers)
+    seconds = time.perf_counter() - started
+    document = {"adapter": str(adapter_path), "method": adapter.method, "data": str(data), **report.to_dict()}
+    document["seconds"] = round(seconds, 2)
+    if fmt == "json":
+        write_json(document)
+        return
+    console = stdout_console()
+    console.print(
+        key_value_table(
+            [
+                ("method", adapter.method),
+                ("images", report.n_images),
+                ("accuracy", report.accuracy),
+                ("macro F1", report.macro_f1),
+                ("skipped", report.skipped_images),
+            ],
+            title="adaclip eval",
+        )
+    )
+    table = Table(title="per class")
+    for column in ("class", "support", "accuracy", "precision", "F1"):
+        table.add_column(column)
+    for score in report.per_class:
+        table.add_row(
+            score.name,
+            str(score.support),
+            *("-" if v is None else f"{v:.3f}" for v in (score.accuracy, score.precision, score.f1)),
+        )
+    console.print(table)
+    names = [s.name for s in report.per_class]
+    if len(names) <= 20:
+        confusion = Table(title="confusion (rows: true, columns: predicted)")
+        confusion.add_column("")
+        for i in range(len(names)):
+            confusion.add_column(str(i))
+        for i, row in enumerate(report.confusion):
+            confusion.add_row(f"{i} {names[i]}", *map(str, row))
+        console.print(confusion)
+
+
+# ------------------------------------------------------------------------------------------ info
+
+
+@command()
+def info(
+    adapter_path: Path | None = typer.Argument(None, metavar="[ADAPTER]", help="An .adaclip file to describe."),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="Without ADAPTER: describe this method on a backbone."
+    ),
+    backbone: str | None = BackboneOpt,
+    pretrained: str = typer.Option(
+        "none", "--pretrained", "-p", help="Without ADAPTER: weights (parameter counts need none)."
+    ),
+    num_classes: int = typer.Option(10, "--num-classes", help="Without ADAPTER: classes for class-dependent heads."),
+    settings: list[str] = typer.Option([], "--set", help="Without ADAPTER: method setting key=value."),
+    fmt: str = _format_option("table", ("table", "json")),
+    device: str = typer.Option("cpu", "--device", help="Device for building the method (cpu is enough)."),
+) -> None:
+    """Describe an adapter file, or a method's trainable parameters on a backbone.
+
+    Examples:
+
+        adaclip info pets.adaclip
+
+        adaclip info --method adaring --backbone ViT-B-16 --pretrained none --format json
+    """
+    _check_format(fmt, ("table", "json"))
+    if adapter_path is not None:
+        from .adapter_file import read_adapter_header
+
+        document = read_adapter_header(adapter_path).model_dump(mode="json")
+        document["file_bytes"] = adapter_path.stat().st_size
+    elif method is not None:
+        document = _describe_method(
+            method, backbone or "ViT-B-16", pretrained, num_classes, parse_settings(settings), device
+        )
+    else:
+        raise UsageError("give an adapter file, or --method NAME to describe a method", fix="adaclip info --help")
+    if fmt == "json":
+        write_json(document)
+    else:
+        stdout_console().print(key_value_table(flatten(document), title="adaclip info"))
+
+
+def _describe_method(method: str, backbone_name: str, pretrained: str, num_classes: int, settings, device) -> dict:
+    from .backbone import create_backbone
+    from .methods import make_method_config
+    from .model import AdaptedCLIP
+
+    config = make_method_config(method, settings)
+    backbone = create_backbone(backbone_name, pretrained, device=device)
+    model = AdaptedCLIP(backbone, config, [f"class {i}" for i in range(num_classes)], ["a photo of a {}."])
+    breakdown = model.parameter_breakdown()
+    return {
+        "method": method,
+        "summary": type(config).summary,
+        "backbone": backbone.identity.describe(),
+        "trainable_params": sum(breakdown.values()),
+        "parameter_breakdown": breakdown,
+        "class_agnostic": type(config).class_agnostic,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+@command()
+def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
+    """List the available methods."""
+    from .methods import method_registry
+
+    _check_format(fmt, ("table", "json"))
+    records = [
+        {"method": name, "class_agnostic": cls.class_agnostic, "summary": cls.summary}
+        for name, cls in sorted(method_registry().items())
+    ]
+    write_records(records, fmt if fmt == "json" else "table", ["method", "class_agnostic", "summary"], title="methods")
+
+
+@command()
+def version() -> None:
+    """Print the adaclip version."""
+    typer.echo(__version__)
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """Accept --debug/--quiet/--verbose anywhere (before `--`) by moving them before the command."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in _GLOBAL_FLAGS]
+    rest = [a for a in argv[:end] if a not in _GLOBAL_FLAGS]
+    return flags + rest + argv[end:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=argv, prog_name="adaclip")
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as shell tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)

@@ -1,0 +1,129 @@
+"""Results on stdout: a table for people, JSON / JSONL / CSV for pipelines.
+
+Record streams (predictions) are written as they come in jsonl and csv, so `adaclip predict - < paths`
+over 10,000 images shows results immediately and holds one batch in memory; tables and JSON need the
+whole set and are written at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+Format = Literal["table", "json", "jsonl", "csv"]
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write null instead of invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(document: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(_clean(document), indent=indent, ensure_ascii=False, default=_json_default)
+
+
+def write_json(document: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    out.write(dumps(document) + "\n")
+    out.flush()
+
+
+def write_records(
+    records: Iterable[dict[str, Any]],
+    fmt: Format,
+    columns: Sequence[str],
+    *,
+    title: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Write flat records in `fmt`; jsonl and csv stream. Returns how many were written."""
+    out = out or sys.stdout
+    count = 0
+    if fmt == "jsonl":
+        for record in records:
+            out.write(dumps(record, indent=None) + "\n")
+            out.flush()
+            count += 1
+    elif fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _csv_cell(record.get(k)) for k in columns})
+            out.flush()
+            count += 1
+    elif fmt == "json":
+        collected = list(records)
+        write_json(collected, out)
+        count = len(collected)
+    else:
+        table = Table(title=title, show_lines=False)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for record in records:
+            table.add_row(*(_table_cell(record.get(k)) for k in columns))
+            count += 1
+        Console(file=out, highlight=False, soft_wrap=False).print(table)
+    return count
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else value
+
+
+def _table_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def key_value_table(pairs: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in pairs:
+        table.add_row(key, _table_cell(value))
+    return table
+
+
+def flatten(document: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """{"a": {"b": 1}} -> ("a.b", 1); lists are shown inline."""
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from flatten(value, f"{name}.")
+        elif isinstance(value, list) and len(value) > 12:
+            yield name, f"[{len(value)} items]"
+        else:
+            yield name, value

@@ -1,0 +1,193 @@
+"""The CLI through Typer's runner (and one real subprocess): outputs, formats, exit codes, messages."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adaclip.cli import app
+
+from .conftest import TINY
+
+runner = CliRunner()
+TINY_ARGS = ["--backbone", TINY, "--pretrained", "none", "--device", "cpu"]
+
+
+def cli(*args: str, stdin: str | None = None):
+    result = runner.invoke(app, list(args), input=stdin)
+    return result
+
+
+@pytest.fixture(scope="module")
+def probe_file(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "probe.adaclip"
+    result = cli("fit", str(dataset), "-m", "linear-probe", "-o", str(out), "--epochs", "3", "--lr", "0.01", *TINY_ARGS)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fit_json_summary_and_file(dataset, tmp_path):
+    out = tmp_path / "zs.adaclip"
+    result = cli("fit", str(dataset), "-m", "zeroshot", "-o", str(out), "--format", "json", *TINY_ARGS)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and out.exists()
+    assert summary["method"] == "zeroshot" and summary["trainable_params"] == 0
+    assert summary["classes"] == 4 and summary["train_images"] == 44
+    assert "random weights" in result.stderr  # logs go to stderr, never into the JSON
+
+
+def test_fit_refuses_to_overwrite_before_training(dataset, tmp_path):
+    out = tmp_path / "exists.adaclip"
+    out.write_bytes(b"precious")
+    result = cli("fit", str(dataset), "-m", "zeroshot", "-o", str(out), *TINY_ARGS)
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == b"precious"
+
+
+def test_predict_formats(probe_file, dataset):
+    folder = str(dataset / "test" / "red_circle")
+    as_jsonl = cli("predict", str(probe_file), folder, "--format", "jsonl", "--top-k", "2")
+    assert as_jsonl.exit_code == 0, as_jsonl.output
+    lines = [json.loads(line) for line in as_jsonl.stdout.splitlines()]
+    assert len(lines) == 6 and all(len(r["top_k"]) == 2 for r in lines)
+    assert all(r["path"].endswith(".png") and 0 <= r["score"] <= 1 for r in lines)
+    as_csv = cli("predict", str(probe_file), folder, "--format", "csv", "--top-k", "2")
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [r["path"] for r in rows] == [r["path"] for r in lines]
+    assert set(rows[0]) == {"path", "label", "score", "label_2", "score_2"}
+    as_json = cli("predict", str(probe_file), folder, "--format", "json")
+    assert [r["label"] for r in json.loads(as_json.stdout)] == [r["label"] for r in lines]
+    as_table = runner.invoke(app, ["predict", str(probe_file), folder], env={"COLUMNS": "300"})
+    assert as_table.exit_code == 0
+    assert all(r["path"] in as_table.stdout and r["label"] in as_table.stdout for r in lines)
+
+
+def test_predict_paths_from_stdin_and_bad_files(probe_file, dataset, tmp_path):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    good = sorted((dataset / "test" / "blue_stripes").iterdir())[:2]
+    stdin = "\n".join([str(good[0]), str(bad), str(good[1])]) + "\n"
+    result = cli("predict", str(probe_file), "-", "--format", "jsonl", stdin=stdin)
+    assert result.exit_code == 0, result.output
+    paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    assert paths == [str(good[0]), str(good[1])]
+    assert "corrupt.jpg" in result.stderr and "skipped 1" in result.stderr
+
+
+def test_eval_json_report(probe_file, dataset):
+    result = cli("eval", str(probe_file), str(dataset), "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_images"] == 24 and 0 <= report["accuracy"] <= 1
+    assert len(report["per_class"]) == 4 and len(report["confusion"]) == 4
+    assert {"accuracy", "macro_f1", "per_class", "confusion"} <= set(report)
+    table = cli("eval", str(probe_file), str(dataset))
+    assert "accuracy" in table.stdout and "confusion" in table.stdout
+
+
+def test_info_of_file_and_of_method(probe_file):
+    result = cli("info", str(probe_file), "--format", "json")
+    meta = json.loads(result.stdout)
+    assert meta["method"] == "linear-probe" and meta["backbone"]["name"] == TINY
+    assert meta["training"]["epochs"] == 3 and meta["seed"] == 0
+    described = cli("info", "--method", "linear-probe", "--backbone", TINY, "--num-classes", "5", "--format", "json")
+    assert described.exit_code == 0, described.output
+    assert json.loads(described.stdout)["trainable_params"] == 5 * 32 + 5
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["predict", "missing.adaclip", "x.png"], 2, "adapter file not found: missing.adaclip"),
+        (["eval", "missing.adaclip", "."], 2, "adapter file not found"),
+        (["fit", "/no/such/folder", "-m", "zeroshot"], 2, "data folder not found: /no/such/folder"),
+        (
+            ["fit", ".", "-m", "no-such-method", "-o", "/tmp/adaclip-never.adaclip"],
+            2,
+            "unknown method 'no-such-method'",
+        ),
+        (["info"], 2, "give an adapter file"),
+        (["predict", "x.adaclip", "y.png", "--format", "xml"], 2, "unknown --format 'xml'"),
+    ],
+)
+def test_bad_input_exit_codes_and_one_line_messages(args, code, message):
+    result = cli(*args)
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empty_folder_one_class_and_bad_class_file(tmp_path, dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("fit", str(empty), "-m", "zeroshot", *TINY_ARGS)
+    assert result.exit_code == 2 and "no class folders found" in result.stderr
+    one = tmp_path / "one" / "cats"
+    one.mkdir(parents=True)
+    (one / "a.png").write_bytes((dataset / "train" / "red_circle" / "img_000.png").read_bytes())
+    result = cli("fit", str(tmp_path / "one"), "-m", "zeroshot", *TINY_ARGS)
+    assert result.exit_code == 2 and "only 1 class" in result.stderr
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"red_circle": "red", "purple_blob": "purple"}))
+    result = cli("fit", str(dataset), "-m", "zeroshot", "--classes", str(names), *TINY_ARGS)
+    assert result.exit_code == 2 and "purple_blob" in result.stderr
+
+
+def test_wrong_backbone_is_refused(probe_file, tmp_path):
+    # a local checkpoint of another architecture is not the backbone this adapter was trained on
+    result = cli("predict", str(probe_file), "x.png", "--pretrained", "laion2b_s34b_b88k")
+    assert result.exit_code == 2 and "neither a pretrained tag" in result.stderr
+
+
+def test_debug_shows_traceback(monkeypatch):
+    from adaclip.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "missing.adaclip", "x.png", "--debug"])
+    assert exit_info.value.code == 2
+
+
+def test_real_subprocess_round_trip(dataset, tmp_path):
+    env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
+    out = tmp_path / "zs.adaclip"
+    fit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaclip",
+            "fit",
+            str(dataset),
+            "-m",
+            "zeroshot",
+            "-o",
+            str(out),
+            "-f",
+            "json",
+            *TINY_ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert fit.returncode == 0, fit.stderr
+    assert json.loads(fit.stdout)["output"] == str(out)
+    bad = subprocess.run(
+        [sys.executable, "-m", "adaclip", "eval", str(out), str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
