@@ -238,13 +238,15 @@ def fit(
     config: dict[str, Any] | None = None,
     workers: int | None = None,
     cache_dir: str | None = None,
+    **settings: Any,
 ) -> Adapter:
     """Train `method` on the image folder `data` and return the adapter (save it with `.save(path)`).
 
-    `config` holds method settings (see `adaclip info --method NAME`), e.g. {"ranks": [2, 4]} or
-    {"train": {"weight_decay": 0.01}}; `epochs`, `batch_size` and `lr` override the method's recipe.
+    Method settings (see `adaclip info --method NAME`) come as keyword arguments or a `config` dict,
+    e.g. `fit(data, "adaring", ranks=[2, 4])` or `config={"train": {"weight_decay": 0.01}}`;
+    `epochs`, `batch_size` and `lr` override the method's training recipe.
     """
-    overrides = _merge_train_overrides(config, epochs=epochs, batch_size=batch_size, lr=lr)
+    overrides = _merge_train_overrides({**(config or {}), **settings}, epochs=epochs, batch_size=batch_size, lr=lr)
     method_config = make_method_config(method, overrides)
     template_list = resolve_templates(templates)
     training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)

@@ -143,10 +143,23 @@ def test_empty_folder_one_class_and_bad_class_file(tmp_path, dataset):
     assert result.exit_code == 2 and "purple_blob" in result.stderr
 
 
-def test_wrong_backbone_is_refused(probe_file, tmp_path):
-    # a local checkpoint of another architecture is not the backbone this adapter was trained on
-    result = cli("predict", str(probe_file), "x.png", "--pretrained", "laion2b_s34b_b88k")
-    assert result.exit_code == 2 and "neither a pretrained tag" in result.stderr
+def test_wrong_backbone_checkpoint_is_refused(dataset, tiny_backbone, tmp_path):
+    import torch
+
+    trained_on = tmp_path / "weights_a.pt"
+    torch.save(tiny_backbone.model.state_dict(), trained_on)
+    other = tmp_path / "weights_b.pt"
+    torch.save({k: v + 0.01 for k, v in tiny_backbone.model.state_dict().items()}, other)
+    out = tmp_path / "zs.adaclip"
+    fit = cli("fit", str(dataset), "-m", "zeroshot", "-o", str(out), "-b", TINY, "-p", str(trained_on))
+    assert fit.exit_code == 0, fit.output
+    no_weights = cli("predict", str(out), str(dataset / "test"))
+    assert no_weights.exit_code == 2 and "pass --pretrained" in no_weights.stderr
+    wrong = cli("predict", str(out), str(dataset / "test"), "-p", str(other))
+    assert wrong.exit_code == 2
+    assert "does not match: checkpoint sha256" in wrong.stderr
+    right = cli("predict", str(out), str(dataset / "test"), "-p", str(trained_on), "-f", "jsonl")
+    assert right.exit_code == 0 and len(right.stdout.splitlines()) == 24
 
 
 def test_debug_shows_traceback(monkeypatch):
