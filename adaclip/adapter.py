@@ -104,6 +104,31 @@ class Adapter:
             component.merge()
         return self
 
+    def merged(self) -> Adapter:
+        """A new adapter whose file stores the merged form (e.g. AdaRing's per-layer matrices instead of
+        tensor rings): larger, but predict never reconstructs. Predictions are unchanged."""
+        config = self.model.config
+        if "merged" not in type(config).model_fields:
+            raise UsageError(f"method {self.method!r} has no merged form", fix="export without --merged")
+        if config.merged:
+            return self
+        states = [c.merged_state() for c in self.model.components]
+        if all(state is None for state in states):
+            raise UsageError(f"method {self.method!r} has nothing to merge")
+        merged_config = config.model_copy(update={"merged": True})
+        model = AdaptedCLIP(
+            self.backbone, merged_config, self.model.class_names, self.model.templates, seed=self.metadata.seed
+        )
+        state = self.model.adapter_state()
+        for index, component_state in enumerate(states):
+            if component_state is not None:
+                prefix = f"components.{index}."
+                state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+                state.update({prefix + k: v for k, v in component_state.items()})
+        model.load_state_dict(state, strict=True)
+        metadata = self.metadata.model_copy(update={"method_config": merged_config.model_dump(mode="json")})
+        return Adapter(model, metadata)
+
     # --- prediction -------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -109,6 +109,7 @@ class Backbone:
         self.identity = identity
         self.device = device
         self.precision = precision
+        self.active_token: object | None = None  # which AdaptedCLIP's components apply (see Component.active)
         model.requires_grad_(False)
         model.eval()
         # Frozen: a plain float, so no method can train it by accident.

@@ -477,6 +477,48 @@ def _describe_method(method: str, backbone_name: str, pretrained: str, num_class
 
 
 @command()
+def export(
+    adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Adapter file to write."),
+    merged: bool = typer.Option(
+        False, "--merged", help="Store per-layer matrices (AdaRing): predict skips reconstruction."
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
+    fmt: str = _format_option("table", ("table", "json")),
+) -> None:
+    """Write an adapter in another form. With --merged, AdaRing's tensor rings are expanded into the
+    per-layer matrices they encode, so loading and predicting pay no reconstruction cost.
+
+    Example:
+
+        adaclip export pets.adaclip --merged -o pets.merged.adaclip
+    """
+    from .adapter import load
+
+    _check_format(fmt, ("table", "json"))
+    if not merged:
+        raise UsageError("nothing to do", fix="pass --merged")
+    if output.exists() and not force:
+        raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
+    adapter = load(adapter_path, pretrained=pretrained, device="cpu")
+    path = adapter.merged().save(output, force=force)
+    summary = {
+        "input": str(adapter_path),
+        "output": str(path),
+        "merged": True,
+        "input_bytes": adapter_path.stat().st_size,
+        "output_bytes": path.stat().st_size,
+    }
+    if fmt == "json":
+        write_json(summary)
+    else:
+        stdout_console().print(key_value_table(summary.items(), title="adaclip export"))
+
+
+@command()
 def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     """List the available methods."""
     from .methods import method_registry

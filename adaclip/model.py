@@ -8,6 +8,7 @@ provides what training needs on top: the frozen zero-shot references and the los
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -48,8 +49,12 @@ class AdaptedCLIP(nn.Module):
         self.components = nn.ModuleList(parts.components)
         self.head = parts.head
         self.to(backbone.device)
+        self._token = object()
         for component in self.components:
+            component.bind(backbone, self._token)
             component.attach(backbone)
+        # Hooks live on the shared backbone: remove them when this model is garbage-collected.
+        weakref.finalize(self, _detach_all, list(self.components))
 
     # --- structure --------------------------------------------------------------------------------
 
@@ -112,6 +117,7 @@ class AdaptedCLIP(nn.Module):
     # --- features ---------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
+        self.backbone.active_token = self._token  # this model's components apply from now on
         for component in self.components:
             if component.enabled:
                 component.prepare()
@@ -192,10 +198,12 @@ class AdaptedCLIP(nn.Module):
         *,
         pixels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        reference_image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, StepContext]:
         """Cross-entropy on the head's logits plus every part's weighted loss terms.
 
         Give `pixels` when the image tower is adapted; frozen-tower methods may pass cached features.
+        `reference_image_features` are the batch's frozen zero-shot features when the loop cached them.
         """
         if image_features is None:
             if pixels is None:
@@ -211,6 +219,7 @@ class AdaptedCLIP(nn.Module):
             image_features=image_features,
             class_features=class_features,
             logits=out.logits,
+            reference_image_features=reference_image_features,
         )
         terms = {"ce": F.cross_entropy(out.logits, labels, label_smoothing=self.config.train.label_smoothing)}
         terms.update(out.loss_terms)
@@ -218,6 +227,11 @@ class AdaptedCLIP(nn.Module):
             terms.update(component.loss_terms(ctx))
         ctx.terms = terms
         return sum(terms.values()), ctx
+
+
+def _detach_all(components: list) -> None:
+    for component in components:
+        component.detach()
 
 
 @dataclass
@@ -230,15 +244,20 @@ class StepContext:
     image_features: torch.Tensor
     class_features: torch.Tensor
     logits: torch.Tensor
+    reference_image_features: torch.Tensor | None = None
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    _zs_image: torch.Tensor | None = None
 
     def zero_shot_image_features(self) -> torch.Tensor:
-        if self._zs_image is None:
-            if self.pixels is None:
+        """Cached references when the loop has them; the features themselves when the image tower is
+        frozen; otherwise one extra forward pass with every component bypassed."""
+        if self.reference_image_features is None:
+            if self.model.image_tower_frozen:
+                self.reference_image_features = self.image_features.detach()
+            elif self.pixels is None:
                 raise ValueError("zero-shot image features need the step's pixels")
-            self._zs_image = self.model.zero_shot_image_features(self.pixels)
-        return self._zs_image
+            else:
+                self.reference_image_features = self.model.zero_shot_image_features(self.pixels)
+        return self.reference_image_features
 
     def zero_shot_class_features(self) -> torch.Tensor:
         return self.model.zero_shot_class_features()

@@ -73,10 +73,11 @@ class FeatureCache:
         self.seed = seed
         self.workers = workers
         self.batch_size = max(64, cfg.batch_size)
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.skipped: list[SkippedImage] = []
 
-    def view(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, labels, dataset positions) of the view used in `epoch`."""
         index = epoch % self.views
         if index not in self._views:
             backbone = self.model.backbone
@@ -93,7 +94,7 @@ class FeatureCache:
                 )
             if index == 0:
                 self.skipped = encoded.skipped
-            self._views[index] = (encoded.features, encoded.labels.to(encoded.features.device))
+            self._views[index] = (encoded.features, encoded.labels.to(encoded.features.device), encoded.indices)
         return self._views[index]
 
 
@@ -125,6 +126,7 @@ def train(
 
     torch.manual_seed(seed)
     cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
+    references = _reference_features(model, data.train, cfg, workers)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(params, cfg)
@@ -144,8 +146,12 @@ def train(
             epoch_start = time.perf_counter()
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
-            for labels, pixels, features in _epoch_batches(model, data, cfg, cache, epoch, order, workers, skipped):
-                loss, ctx = model.training_loss(labels, pixels=pixels, image_features=features)
+            batches = _epoch_batches(model, data, cfg, cache, epoch, order, workers, skipped)
+            for labels, pixels, features, indices in batches:
+                reference = references[indices.to(references.device)] if references is not None else None
+                loss, ctx = model.training_loss(
+                    labels, pixels=pixels, image_features=features, reference_image_features=reference
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -198,14 +204,29 @@ def _use_cache(model: AdaptedCLIP, cfg: TrainConfig) -> bool:
     return model.image_tower_frozen and cfg.feature_cache != "off"
 
 
+def _reference_features(model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
+    """Frozen zero-shot features of every training image (un-augmented view), by dataset position, when
+    a component's consistency loss needs them: one pass up front instead of one extra pass per step."""
+    wanted = any(c.uses_image_reference for c in model.components)
+    if not wanted or model.image_tower_frozen or cfg.reference_features != "cached":
+        return None
+    with model.components_disabled():
+        encoded = encode_images(
+            model, images, model.backbone.eval_transform(), workers=workers, description="zero-shot references"
+        )
+    references = torch.zeros(len(images), model.backbone.embed_dim, device=encoded.features.device)
+    references[encoded.indices.to(references.device)] = encoded.features
+    return references
+
+
 def _epoch_batches(model, data, cfg: TrainConfig, cache: FeatureCache | None, epoch, order, workers, skipped):
-    """Yield (labels, pixels | None, features | None) for one epoch in a seeded order."""
+    """Yield (labels, pixels | None, features | None, dataset indices) for one epoch in a seeded order."""
     if cache is not None:
-        features, labels = cache.view(epoch)
+        features, labels, positions = cache.view(epoch)
         permutation = torch.randperm(len(labels), generator=order)
         for i in range(0, len(labels), cfg.batch_size):
             index = permutation[i : i + cfg.batch_size].to(features.device)
-            yield labels[index], None, features[index]
+            yield labels[index], None, features[index], positions[index.cpu()]
         return
     backbone = model.backbone
     transform = backbone.train_transform(cfg.min_crop_scale) if cfg.augment else backbone.eval_transform()
@@ -218,7 +239,7 @@ def _epoch_batches(model, data, cfg: TrainConfig, cache: FeatureCache | None, ep
                 skipped[item.path] = item
                 report_skipped([item])
         if len(batch.labels):
-            yield batch.labels.to(backbone.device), batch.pixels.to(backbone.device), None
+            yield batch.labels.to(backbone.device), batch.pixels.to(backbone.device), None, batch.indices
 
 
 class _Validator:

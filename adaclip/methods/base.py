@@ -52,6 +52,13 @@ class TrainConfig(BaseModel):
         ),
     )
     cache_views: int = Field(4, ge=1, description="augmented views per image kept by feature_cache='augmented'")
+    reference_features: Literal["cached", "bypass"] = Field(
+        "cached",
+        description=(
+            "frozen zero-shot image features for consistency losses: encoded once per training image from its "
+            "un-augmented view ('cached'), or recomputed on every augmented batch with adapters bypassed ('bypass')"
+        ),
+    )
 
 
 class MethodConfig(BaseModel):
@@ -97,10 +104,24 @@ class Component(nn.Module):
 
     adapts_image_tower: bool = False
     adapts_text_tower: bool = False
+    uses_image_reference: bool = False  # its loss needs frozen zero-shot image features of the batch
 
     def __init__(self) -> None:
         super().__init__()
         self.enabled = True  # False bypasses the component (used for frozen zero-shot references)
+        self._binding: tuple[Backbone, object] | None = None
+
+    def bind(self, backbone: Backbone, owner_token: object) -> None:
+        """Tie the component to the model that owns it. Several models may share one backbone; only
+        the components of the model that ran last (`backbone.active_token`) take part in a pass."""
+        self._binding = (backbone, owner_token)
+
+    @property
+    def active(self) -> bool:
+        """Whether hooks and wrappers should apply now: enabled, and owned by the active model."""
+        if not self.enabled:
+            return False
+        return self._binding is None or self._binding[0].active_token is self._binding[1]
 
     def attach(self, backbone: Backbone) -> None:
         """Install hooks or wrappers into the backbone. Called once, after construction."""
@@ -121,6 +142,11 @@ class Component(nn.Module):
 
     def merge(self) -> None:
         """Precompute whatever makes inference cheaper; training after merge() needs unmerge()."""
+
+    def merged_state(self) -> dict[str, torch.Tensor] | None:
+        """This component's state in the form a `merged: true` config expects (for `export --merged`),
+        or None when it has no merged form."""
+        return None
 
     def unmerge(self) -> None:
         """Undo `merge`."""

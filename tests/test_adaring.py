@@ -1,0 +1,317 @@
+"""AdaRing: tensor rings, block discovery, no-op start, gradients, learning, files, merged export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adaclip
+from adaclip.errors import UsageError
+from adaclip.inject import ParallelBranchHook, discover_blocks, parse_block_selection
+from adaclip.methods import make_method_config
+from adaclip.model import AdaptedCLIP
+from adaclip.tensor_ring import TensorRing, balanced_factors, tr_num_parameters, tr_to_tensor
+
+ALL_BLOCKS = {"blocks": "all"}
+
+
+def _pixels(backbone, n=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ tensor rings
+
+
+def _einsum_reference(cores):
+    """Direct definition: T[i1..iN] = trace(G1[:, i1, :] ... GN[:, iN, :]), one einsum."""
+    letters = "ijklmn"
+    n = len(cores)
+    bonds = "abcdefg"
+    terms = [f"{bonds[k]}{letters[k]}{bonds[(k + 1) % n]}" for k in range(n)]
+    return torch.einsum(",".join(terms) + "->" + letters[:n], *cores)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4), (4, 3, 5, 2), (6, 4, 3, 2, 5)])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_ring_reconstruction_matches_einsum_and_tensorly(shape, rank):
+    import tensorly as tl
+    from tensorly.tr_tensor import tr_to_tensor as tensorly_tr_to_tensor
+
+    generator = torch.Generator().manual_seed(len(shape) * 10 + rank)
+    cores = [torch.randn(rank, n, rank, dtype=torch.float64, generator=generator) for n in shape]
+    ours = tr_to_tensor(cores)
+    assert ours.shape == shape
+    torch.testing.assert_close(ours, _einsum_reference(cores), rtol=1e-10, atol=1e-10)
+    with tl.backend_context("pytorch"):
+        torch.testing.assert_close(ours, tensorly_tr_to_tensor(cores), rtol=1e-10, atol=1e-10)
+
+
+def test_ring_gradients_match_einsum_reference():
+    cores = [torch.randn(3, n, 3, dtype=torch.float64, requires_grad=True) for n in (4, 5, 2)]
+    weights = torch.randn(4, 5, 2, dtype=torch.float64)
+    grads = torch.autograd.grad((tr_to_tensor(cores) * weights).sum(), cores)
+    expected = torch.autograd.grad((_einsum_reference(cores) * weights).sum(), cores)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_ring_init_spread_and_zero_core():
+    ring = TensorRing([24, 32, 32, 8], rank=4, init_std=768**-0.5)
+    std = ring().std().item()
+    assert 0.5 * 768**-0.5 < std < 2.0 * 768**-0.5
+    zero = TensorRing([32, 24, 32, 8], rank=4, zero_mode=3)
+    assert torch.count_nonzero(zero()) == 0
+    zero().sum().backward()  # a zero core still gets gradient from the others
+    assert zero.cores[3].grad.abs().sum() > 0
+
+
+def test_balanced_factors():
+    assert balanced_factors(768) == [24, 32]
+    assert balanced_factors(512) == [16, 32]
+    assert balanced_factors(40) == [5, 8]
+    assert balanced_factors(24) == [24]
+    assert balanced_factors(1031) == [1031]  # prime: stays whole
+    for n in (768, 512, 1280, 384, 1024):
+        factors = balanced_factors(n)
+        assert torch.tensor(factors).prod().item() == n and max(factors) <= 40
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+
+class _TupleLayer(nn.Module):
+    """Hugging Face style: returns a tuple whose first element keeps the input shape."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, hidden, mask=None):
+        return (hidden + self.linear(hidden), "attentions")
+
+
+class _TupleTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.layers = nn.ModuleList(_TupleLayer(8) for _ in range(3))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h, mask=None)[0]
+        return h
+
+
+def test_discovery_on_tuple_returning_layers_and_hooks():
+    tower = _TupleTower()
+    x = torch.randn(2, 7, 5)
+    blocks = discover_blocks(tower, lambda: tower(x))
+    assert [b.name for b in blocks] == ["layers.0", "layers.1", "layers.2"]
+    assert all(b.width == 8 and b.channel_dim == -1 for b in blocks)
+    before = tower(x)
+    hook = ParallelBranchHook(blocks[2].module, lambda h: torch.ones_like(h))
+    assert torch.allclose(tower(x), before + 1)
+    hook.remove()
+    assert torch.equal(tower(x), before)
+
+
+def test_discovery_on_cnn_residual_blocks():
+    import timm
+
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    blocks = discover_blocks(net, lambda: net(torch.zeros(1, 3, 64, 64)))
+    widths = [b.width for b in blocks]
+    # stride-1 BasicBlocks keep their shape; the first block of stages 2-4 downsamples and is skipped
+    assert widths == [64, 64, 128, 256, 512]
+    assert all(b.channel_dim == 1 for b in blocks)
+
+
+def test_discovery_on_open_clip_towers(tiny_backbone):
+    towers = tiny_backbone.towers
+    image = discover_blocks(towers.image, lambda: tiny_backbone.model.encode_image(tiny_backbone.sample_image()))
+    tokens = tiny_backbone.tokenize(["a photo"])
+    text = discover_blocks(towers.text, lambda: tiny_backbone.model.encode_text(tokens))
+    assert [b.width for b in image] == [64] * 4 and [b.width for b in text] == [48] * 3
+    assert image[0].name == "transformer.resblocks.0"
+
+
+def test_block_selection_syntax():
+    assert parse_block_selection("5-12", 12) == list(range(4, 12))
+    assert parse_block_selection("5-12", 6) == [4, 5]
+    assert parse_block_selection("all", 3) == [0, 1, 2]
+    assert parse_block_selection("1,3,9-10", 12) == [0, 2, 8, 9]
+    assert parse_block_selection("last2", 5) == [3, 4]
+    with pytest.raises(ValueError):
+        parse_block_selection("5..7", 12)
+
+
+# ------------------------------------------------------------------------------------------ method
+
+
+def test_zero_init_equals_zero_shot(tiny_backbone):
+    classes = ["red circle", "green square", "blue stripes"]
+    zero_shot = AdaptedCLIP(tiny_backbone, make_method_config("zeroshot"), classes, ["a photo of a {}."])
+    adapted = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, ["a photo of a {}."])
+    pixels = _pixels(tiny_backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(pixels), zero_shot(pixels), rtol=0, atol=1e-6)
+    # and the adapter really is in the graph: a non-zero up core changes the logits
+    with torch.no_grad():
+        for group in adapted.components[0].groups.values():
+            for ring in group.up:
+                ring.cores[-1].fill_(0.1)
+        assert not torch.allclose(adapted(pixels), zero_shot(pixels), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ranks": [2, 4, 8]},
+        {"ranks": [3], "bottleneck": 8},
+        {"ranks": [1, 5], "width_modes": "single", "learnable_gates": False},
+        {"ranks": [2], "towers": "image", "blocks": "2-3"},
+    ],
+)
+def test_parameter_count_formula_matches_module(tiny_backbone, settings):
+    config = make_method_config("adaring", {"blocks": "all", **settings})
+    model = AdaptedCLIP(tiny_backbone, config, ["a", "b"], ["{}"])
+    actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.n_trainable() == actual
+    # R^2 * (sum of modes) per ring, down and up, per (tower, width) group, + one gate per ring
+    expected = 0
+    towers = {"image": (64, 4), "text": (48, 3)}
+    for tower, (width, n_blocks) in towers.items():
+        if config.towers not in ("both", tower):
+            continue
+        n_layers = len(parse_block_selection(config.blocks, n_blocks))
+        modes = balanced_factors(width, config.max_mode) if config.width_modes == "factorized" else [width]
+        for rank in config.ranks:
+            expected += 2 * tr_num_parameters([*modes, config.bottleneck, n_layers], rank)
+        expected += len(config.ranks) if config.learnable_gates else 0
+    assert actual == expected
+
+
+def test_vit_b16_default_parameter_budget():
+    """At default settings on ViT-B/16: at most 10% of MMA's 674,560 trainable parameters."""
+    backbone = adaclip.create_backbone("ViT-B-16", "none", device="cpu")
+    model = AdaptedCLIP(backbone, make_method_config("adaring"), ["a", "b"], ["{}"])
+    breakdown = model.parameter_breakdown()
+    assert sum(breakdown.values()) <= 67_456
+    assert sum(breakdown.values()) == 30_918
+    assert {k.split(".")[2] for k in breakdown} == {"image_w768", "text_w512"}
+
+
+def test_only_adapters_get_gradients_and_backward_stops_at_first_adapted_block(tiny_backbone):
+    config = make_method_config("adaring", {"blocks": "3-4", "towers": "image"})
+    model = AdaptedCLIP(tiny_backbone, config, ["a", "b"], ["{}"])
+    model.train()
+    requires_grad = []
+    hooks = [
+        block.register_forward_hook(lambda m, i, o: requires_grad.append(o.requires_grad))
+        for block in tiny_backbone.towers.image.transformer.resblocks
+    ]
+    try:
+        loss, _ = model.training_loss(torch.tensor([0, 1, 0, 1]), pixels=_pixels(tiny_backbone))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert requires_grad[:4] == [False, False, True, True]  # blocks 1-2 build no autograd graph
+    loss.backward()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_adaring_learns_and_backbone_stays_bit_identical(dataset, tiny_backbone):
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    zero_shot = adaclip.fit(dataset, method="zeroshot", backbone=tiny_backbone).evaluate(dataset).accuracy
+    adapter = adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, epochs=8, lr=1e-2, seed=0, **ALL_BLOCKS)
+    history = adapter.metadata.training.history
+    accuracy = adapter.evaluate(dataset).accuracy
+    assert history[-1]["loss"] < history[0]["loss"] - 0.2
+    assert accuracy >= zero_shot + 0.25, (zero_shot, accuracy)
+    after = tiny_backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_load_and_merged_export_predict_the_same(dataset, tiny_backbone, tmp_path):
+    adapter = adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, epochs=2, lr=1e-2, **ALL_BLOCKS)
+    path = adapter.save(tmp_path / "ring.adaclip")
+    loaded = adaclip.load(path, backbone=tiny_backbone)
+    pixels = _pixels(tiny_backbone, n=8, seed=3)
+    reference = adapter.logits(pixels)
+    assert torch.equal(loaded.logits(pixels), reference)
+    merged_path = loaded.merged().save(tmp_path / "ring.merged.adaclip")
+    merged = adaclip.load(merged_path, backbone=tiny_backbone)
+    assert merged.metadata.method_config["merged"] is True
+    assert not any("cores" in name for name in merged.model.adapter_state())
+    torch.testing.assert_close(merged.logits(pixels), reference, rtol=0, atol=1e-5)
+    assert [p.label for p in merged.predict(sorted((dataset / "test").rglob("*.png")))] == [
+        p.label for p in adapter.predict(sorted((dataset / "test").rglob("*.png")))
+    ]
+    # in-library merge(): same logits, frozen per-layer matrices
+    torch.testing.assert_close(loaded.merge().logits(pixels), reference, rtol=0, atol=1e-6)
+
+
+def test_models_sharing_a_backbone_do_not_stack(tiny_backbone):
+    """Two adapted models on one backbone: each forward applies only its own adapters."""
+    classes, templates = ["a", "b"], ["{}"]
+    first = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, templates, seed=1)
+    second = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, templates, seed=2)
+    with torch.no_grad():
+        for model, value in ((first, 0.2), (second, -0.3)):
+            for group in model.components[0].groups.values():
+                for ring in group.up:
+                    ring.cores[-1].fill_(value)
+    pixels = _pixels(tiny_backbone)
+    with torch.no_grad():
+        alone = first(pixels)
+        second(pixels)
+        assert torch.equal(first(pixels), alone)
+
+
+def test_bad_block_selection_is_a_usage_error(tiny_backbone):
+    with pytest.raises(UsageError, match="matches no block"):
+        AdaptedCLIP(tiny_backbone, make_method_config("adaring"), ["a", "b"], ["{}"])  # 5-12 on 4 blocks
+    with pytest.raises(UsageError, match="bad block"):
+        AdaptedCLIP(tiny_backbone, make_method_config("adaring", {"blocks": "x"}), ["a", "b"], ["{}"])
+
+
+def test_cli_fit_info_and_merged_export(dataset, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from adaclip.cli import app
+
+    from .conftest import TINY
+
+    runner = CliRunner()
+    ring = tmp_path / "ring.adaclip"
+    fit = runner.invoke(
+        app,
+        ["fit", str(dataset), "-m", "adaring", "-o", str(ring), "-b", TINY, "-p", "none", "--epochs", "1"]
+        + ["--set", "blocks=all", "--set", "ranks=[2,4]", "-f", "json"],
+    )
+    assert fit.exit_code == 0, fit.output
+    summary = json.loads(fit.stdout)
+    assert summary["trainable_params"] == sum(summary["parameter_breakdown"].values())
+    assert json.loads(runner.invoke(app, ["info", str(ring), "-f", "json"]).stdout)["method_config"]["ranks"] == [2, 4]
+    merged = tmp_path / "merged.adaclip"
+    export = runner.invoke(app, ["export", str(ring), "--merged", "-o", str(merged), "-f", "json"])
+    assert export.exit_code == 0, export.output
+    assert json.loads(export.stdout)["output_bytes"] == merged.stat().st_size
+    again = runner.invoke(app, ["export", str(ring), "--merged", "-o", str(merged)])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    images = str(dataset / "test" / "red_circle")
+    original = [
+        json.loads(x) for x in runner.invoke(app, ["predict", str(ring), images, "-f", "jsonl"]).stdout.splitlines()
+    ]
+    exported = [
+        json.loads(x) for x in runner.invoke(app, ["predict", str(merged), images, "-f", "jsonl"]).stdout.splitlines()
+    ]
+    assert [r["label"] for r in exported] == [r["label"] for r in original] and len(original) == 6
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(exported, original, strict=True))
