@@ -28,15 +28,16 @@ from .adapter_file import (
     read_adapter_header,
     write_adapter_file,
 )
-from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone
+from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
 from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data
+from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError
 from .inference import encode_images, logits_in_batches, stream_predictions
 from .methods import make_method_config, method_config_class
 from .metrics import ClassificationReport, classification_report
 from .model import AdaptedCLIP
 from .templates import resolve_templates
-from .training import train
+from .training import CheckpointPolicy, EpochCallback, train
 from .ui import log
 
 
@@ -263,6 +264,11 @@ def fit(
     config: dict[str, Any] | None = None,
     workers: int | None = None,
     cache_dir: str | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    deterministic: bool = False,
+    on_epoch_end: EpochCallback | None = None,
     **settings: Any,
 ) -> Adapter:
     """Train `method` on the image folder `data` and return the adapter (save it with `.save(path)`).
@@ -270,6 +276,10 @@ def fit(
     Method settings (see `adaclip info --method NAME`) come as keyword arguments or a `config` dict,
     e.g. `fit(data, "adaring", ranks=[2, 4])` or `config={"train": {"weight_decay": 0.01}}`;
     `epochs`, `batch_size` and `lr` override the method's training recipe.
+
+    `checkpoint` is a file to save resumable state to after every epoch (and every `checkpoint_every`
+    steps); `resume=True` continues from it. Under torchrun, every process calls fit() and gets the same
+    adapter; only rank 0 should save it (`adaclip fit` does this).
     """
     overrides = _merge_train_overrides({**(config or {}), **settings}, epochs=epochs, batch_size=batch_size, lr=lr)
     method_config = make_method_config(method, overrides)
@@ -277,16 +287,47 @@ def fit(
     training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
     for note in training_data.notes:
         log.warning(note)
+    dist_ctx = context_from_env()
+    if not dist_ctx.is_main:
+        log.configure(quiet=True)  # one voice: rank 0 reports for all processes
     if isinstance(backbone, Backbone):
         backbone_obj = backbone
     else:
-        backbone_obj = create_backbone(backbone, pretrained, device=device, precision=precision, cache_dir=cache_dir)
+        torch_device = device_for_rank(dist_ctx, select_device(device))
+        backbone_obj = create_backbone(
+            backbone, pretrained, device=torch_device, precision=precision, cache_dir=cache_dir
+        )
+    init_distributed(dist_ctx, backbone_obj.device)
+    if deterministic:
+        use_deterministic_algorithms()
     model = AdaptedCLIP(backbone_obj, method_config, training_data.class_names, template_list, seed=seed)
     log.info(
         f"{method}: {len(training_data.train)} training images, {len(training_data.class_names)} classes, "
         f"{model.n_trainable():,} trainable parameters, validation: {training_data.val_source}"
     )
-    outcome = train(model, training_data, seed=seed, workers=workers)
+    policy = None
+    if checkpoint is not None:
+        fingerprint = {
+            "method": method,
+            "method_config": method_config.model_dump(mode="json"),
+            "seed": seed,
+            "files_digest": training_data.files_digest,
+            "class_names": training_data.class_names,
+            "templates": template_list,
+            "backbone": backbone_obj.identity.model_dump(mode="json"),
+        }
+        policy = CheckpointPolicy(Path(checkpoint), checkpoint_every, resume, fingerprint)
+    elif resume:
+        raise UsageError("resume needs a checkpoint path")
+    outcome = train(
+        model,
+        training_data,
+        seed=seed,
+        workers=workers,
+        dist_ctx=dist_ctx,
+        checkpoint=policy,
+        on_epoch_end=on_epoch_end,
+    )
     metadata = AdapterMetadata(
         created_at=created_at_now(),
         backbone=backbone_obj.identity,
@@ -302,6 +343,14 @@ def fit(
         training=outcome.record,
     )
     return Adapter(model, metadata, fit_seconds=outcome.seconds)
+
+
+def use_deterministic_algorithms() -> None:
+    """Ask torch for deterministic kernels (CUDA needs a cuBLAS workspace setting for that)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _merge_train_overrides(config: dict[str, Any] | None, **train_values: Any) -> dict[str, Any]:
@@ -419,6 +468,8 @@ def load(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}",
                 path=path,
             )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+        if tensor.dtype != expected[name].dtype:
+            raise AdapterFileError(f"tensor {name} is {tensor.dtype}, expected {expected[name].dtype}", path=path)
+    model.load_state_dict(tensors, strict=True)
     model.eval()
     return Adapter(model, metadata)

@@ -41,7 +41,9 @@ ALLOWED_DTYPES = {
     "I32": torch.int32,
     "BOOL": torch.bool,
 }
-_DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
+# What the serializer can write (training checkpoints also hold uint8 RNG states); adapter files are
+# further restricted to ALLOWED_DTYPES on read.
+_DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()} | {torch.uint8: "U8", torch.float64: "F64"}
 
 
 class TensorSpec(BaseModel):

@@ -109,7 +109,9 @@ class Backbone:
         self.identity = identity
         self.device = device
         self.precision = precision
-        self.active_token: object | None = None  # which AdaptedCLIP's components apply (see Component.active)
+        # Which AdaptedCLIP's components apply to the pass running now (see Component.active); None
+        # outside a model's pass, so the backbone used directly is always the plain frozen model.
+        self.active_token: object | None = None
         model.requires_grad_(False)
         model.eval()
         # Frozen: a plain float, so no method can train it by accident.

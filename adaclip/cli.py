@@ -20,7 +20,8 @@ import typer
 
 from . import __version__
 from .errors import AdaclipError, UsageError
-from .output import FORMATS, flatten, key_value_table, stdout_console, write_json, write_records
+from .methods import deep_merge
+from .output import FORMATS, flatten, key_value_table, printable, stdout_console, write_json, write_records
 from .ui import log
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+MAX_SKIP_WARNINGS = 20
 _GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 _state = {"debug": False}
 
@@ -128,15 +130,6 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return settings
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = (
-            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
-
-
 def _read_config_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -201,9 +194,19 @@ def fit(
     ),
     cache_dir: str | None = CacheDirOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.ckpt."),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="Also checkpoint every N steps (always after each epoch)."
+    ),
+    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep OUTPUT.ckpt after success."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower on GPU)."),
     fmt: str = _format_option("table", ("table", "json")),
 ) -> None:
     """Train an adapter on a labelled image folder and write it to one `.adaclip` file.
+
+    Progress is checkpointed to OUTPUT.ckpt after every epoch; after Ctrl-C or a crash, the same
+    command with --resume finishes with the adapter an uninterrupted run would have written. Under
+    `torchrun --nproc-per-node N -m adaclip fit ...` the global batch is split across the processes.
 
     Examples:
 
@@ -212,6 +215,8 @@ def fit(
         adaclip fit ./pets --method rada --backbone lite --set train.epochs=5 --format json
     """
     from .adapter import fit as fit_adapter
+    from .checkpoint import checkpoint_path_for
+    from .distributed import context_from_env
 
     _check_format(fmt, ("table", "json"))
     output = output or Path(f"{data.resolve().name or 'adapter'}.{method.replace('+', '-')}.adaclip")
@@ -219,7 +224,12 @@ def fit(
         raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
     if not output.parent.resolve().is_dir():
         raise UsageError("output folder does not exist", path=output.parent)
-    overrides = _deep_merge(_read_config_file(config), parse_settings(settings))
+    overrides = deep_merge(_read_config_file(config), parse_settings(settings))
+    checkpoint = checkpoint_path_for(output)
+    if checkpoint.exists() and not resume and not force:
+        raise UsageError(
+            "a checkpoint of an interrupted run exists", path=checkpoint, fix="add --resume to continue it, or --force"
+        )
     adapter = fit_adapter(
         data,
         method,
@@ -238,8 +248,16 @@ def fit(
         config=overrides,
         workers=workers,
         cache_dir=cache_dir,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        deterministic=deterministic,
     )
+    if not context_from_env().is_main:
+        return  # under torchrun only rank 0 writes and reports
     path = adapter.save(output, force=force)
+    if not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)
     meta = adapter.metadata
     training = meta.training
     summary = {
@@ -317,7 +335,10 @@ def predict(
         for prediction in adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size):
             if prediction.error:
                 counts["skipped"] += 1
-                log.warning(f"skipped unreadable image {prediction.path}: {prediction.error}")
+                if counts["skipped"] <= MAX_SKIP_WARNINGS:
+                    log.warning(f"skipped unreadable image {printable(prediction.path)}: {prediction.error}")
+                elif counts["skipped"] == MAX_SKIP_WARNINGS + 1:
+                    log.warning("more unreadable images: only their count is reported from here on")
                 continue
             counts["ok"] += 1
             if fmt in ("json", "jsonl"):

@@ -440,8 +440,19 @@ class Batch:
     skipped: list[SkippedImage]  # unreadable images in this batch
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one image in one epoch."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class ImageDataset(Dataset):
-    """Decodes one image per item; an unreadable file yields a skip record instead of raising."""
+    """Decodes one image per item; an unreadable file yields a skip record instead of raising.
+
+    With `seed` set, each image's random augmentation depends only on (seed, epoch, index): not on
+    batch order, worker processes or how batches are split across ranks, so resumed and multi-process
+    runs see exactly the crops a single uninterrupted run sees. Set `epoch` before iterating.
+    """
 
     def __init__(
         self,
@@ -449,11 +460,14 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | None,
         transform: Callable,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        seed: int | None = None,
     ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.transform = transform
         self.max_pixels = max_pixels
+        self.seed = seed
+        self.epoch = 0
 
     @classmethod
     def from_labelled(cls, images: Sequence[LabelledImage], transform: Callable, **kw) -> ImageDataset:
@@ -464,7 +478,19 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         label = self.labels[index] if self.labels is not None else -1
-        return _decode(self.paths[index], index, label, self.transform, self.max_pixels)
+        transform = self.transform
+        if self.seed is not None:
+            transform = _seeded(self.transform, sample_seed(self.seed, self.epoch, index))
+        return _decode(self.paths[index], index, label, transform, self.max_pixels)
+
+
+def _seeded(transform: Callable, seed: int) -> Callable:
+    def apply(image):
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+            torch.manual_seed(seed)
+            return transform(image)
+
+    return apply
 
 
 class StreamingImageDataset(IterableDataset):
@@ -511,24 +537,28 @@ def default_workers() -> int:
 def make_loader(
     dataset: Dataset,
     *,
-    batch_size: int,
+    batch_size: int = 1,
     shuffle: bool = False,
     seed: int = 0,
     workers: int | None = None,
     pin_memory: bool = False,
-    sampler=None,
+    batch_sampler=None,
 ) -> DataLoader:
-    """A DataLoader whose order and augmentation depend only on `seed` (workers are seeded from it)."""
+    """A DataLoader whose order depends only on `seed`, or on an explicit `batch_sampler` (lists of
+    dataset indices)."""
     workers = default_workers() if workers is None else workers
     if isinstance(dataset, IterableDataset):
         workers = 0  # a path stream has one reader; several would duplicate it
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if batch_sampler is not None:
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        shuffle=shuffle,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

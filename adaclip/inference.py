@@ -13,6 +13,7 @@ import torch
 
 from .data import Batch, ImageDataset, LabelledImage, SkippedImage, StreamingImageDataset, make_loader
 from .model import AdaptedCLIP
+from .output import printable
 from .ui import log, progress
 
 
@@ -32,14 +33,16 @@ def iterate_batches(
     *,
     batch_size: int,
     workers: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
+    epoch: int = 0,
 ) -> Iterator[Batch]:
+    """Batches in input order; with `seed`, random transforms are drawn per (seed, epoch, image)."""
     if images and isinstance(images[0], LabelledImage):
-        dataset = ImageDataset.from_labelled(images, transform)  # type: ignore[arg-type]
+        dataset = ImageDataset.from_labelled(images, transform, seed=seed)  # type: ignore[arg-type]
     else:
-        dataset = ImageDataset(list(images), None, transform)  # type: ignore[arg-type]
-    yield from make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, workers=workers)
+        dataset = ImageDataset(list(images), None, transform, seed=seed)  # type: ignore[arg-type]
+    dataset.epoch = epoch
+    yield from make_loader(dataset, batch_size=batch_size, workers=workers)
 
 
 @torch.no_grad()
@@ -51,6 +54,8 @@ def encode_images(
     batch_size: int = 64,
     workers: int | None = None,
     description: str = "encoding",
+    seed: int | None = None,
+    epoch: int = 0,
 ) -> EncodedImages:
     """Normalised image features through the (adapted) image tower, eval mode."""
     was_training = model.training
@@ -58,7 +63,8 @@ def encode_images(
     feats, labels, indices, skipped = [], [], [], []
     try:
         with progress(description, total=len(images)) as advance:
-            for batch in iterate_batches(images, transform, batch_size=batch_size, workers=workers):
+            batches = iterate_batches(images, transform, batch_size=batch_size, workers=workers, seed=seed, epoch=epoch)
+            for batch in batches:
                 skipped.extend(batch.skipped)
                 if len(batch.labels):
                     feats.append(model.image_features(batch.pixels))
@@ -78,7 +84,7 @@ def encode_images(
 def report_skipped(skipped: Sequence[SkippedImage], limit: int = 5) -> None:
     """One warning per unreadable image for the first few, then a count."""
     for item in skipped[:limit]:
-        log.warning(f"skipped unreadable image {item.path}: {item.reason}")
+        log.warning(f"skipped unreadable image {printable(item.path)}: {item.reason}")
     if len(skipped) > limit:
         log.warning(f"skipped {len(skipped) - limit} more unreadable images")
 

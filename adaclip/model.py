@@ -41,6 +41,7 @@ class AdaptedCLIP(nn.Module):
         self._class_cache: torch.Tensor | None = None
         self._zero_shot_cache: torch.Tensor | None = None
         self.components = nn.ModuleList()  # empty while building: zero-shot features need no parts
+        self._token = object()  # identifies this model's components on the shared backbone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # parameter init depends on the seed alone
             parts = config.build(
@@ -49,7 +50,6 @@ class AdaptedCLIP(nn.Module):
         self.components = nn.ModuleList(parts.components)
         self.head = parts.head
         self.to(backbone.device)
-        self._token = object()
         for component in self.components:
             component.bind(backbone, self._token)
             component.attach(backbone)
@@ -116,16 +116,24 @@ class AdaptedCLIP(nn.Module):
 
     # --- features ---------------------------------------------------------------------------------
 
-    def _prepare(self) -> None:
-        self.backbone.active_token = self._token  # this model's components apply from now on
-        for component in self.components:
-            if component.enabled:
-                component.prepare()
+    @contextlib.contextmanager
+    def _tower_pass(self) -> Iterator[None]:
+        """During a pass through the towers, this model's components (and no other model's) apply;
+        afterwards the shared backbone is plain again."""
+        previous = self.backbone.active_token
+        self.backbone.active_token = self._token
+        try:
+            for component in self.components:
+                if component.enabled:
+                    component.prepare()
+            yield
+        finally:
+            self.backbone.active_token = previous
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised (B, D) features of preprocessed pixels through the adapted image tower."""
-        self._prepare()
-        return F.normalize(self.backbone.encode_image(pixels), dim=-1)
+        with self._tower_pass():
+            return F.normalize(self.backbone.encode_image(pixels), dim=-1)
 
     def class_features(self) -> torch.Tensor:
         """Normalised (K, D) class features; cached unless the text side is being trained."""
@@ -138,16 +146,14 @@ class AdaptedCLIP(nn.Module):
         return features
 
     def _compute_class_features(self) -> torch.Tensor:
-        self._prepare()
-        for component in self.components:
-            if component.enabled:
-                custom = component.class_features(self.backbone, self.class_names, self.templates)
-                if custom is not None:
-                    return custom
-        if self.text_tower_frozen:
-            with torch.no_grad():
+        with self._tower_pass():
+            for component in self.components:
+                if component.enabled:
+                    custom = component.class_features(self.backbone, self.class_names, self.templates)
+                    if custom is not None:
+                        return custom
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_tower_frozen):
                 return self.backbone.encode_prompts(self.class_names, self.templates)
-        return self.backbone.encode_prompts(self.class_names, self.templates)
 
     def invalidate_class_cache(self) -> None:
         """Call after parameters changed (an optimiser step on text-side parts)."""
@@ -168,12 +174,12 @@ class AdaptedCLIP(nn.Module):
     def zero_shot_class_features(self) -> torch.Tensor:
         """Frozen-encoder class features (K, D), computed once per class set."""
         if self._zero_shot_cache is None:
-            with torch.no_grad(), self.components_disabled():
+            with torch.no_grad(), self.components_disabled(), self._tower_pass():
                 self._zero_shot_cache = self.backbone.encode_prompts(self.class_names, self.templates)
         return self._zero_shot_cache
 
     def zero_shot_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.components_disabled():
+        with torch.no_grad(), self.components_disabled(), self._tower_pass():
             return F.normalize(self.backbone.encode_image(pixels), dim=-1)
 
     # --- logits -----------------------------------------------------------------------------------

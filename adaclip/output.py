@@ -33,10 +33,22 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def printable(text: str) -> str:
+    """File names that are not valid UTF-8 arrive as lone surrogates (surrogateescape); show their bytes
+    as \\xNN escapes so stdout can always encode them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: write null instead of invalid JSON."""
+    """JSON has no NaN/inf: write null instead of invalid JSON; make every string encodable."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -78,21 +90,28 @@ def write_records(
             out.flush()
             count += 1
     elif fmt == "json":
-        collected = list(records)
-        write_json(collected, out)
+        collected: list[dict[str, Any]] = []
+        try:
+            collected.extend(records)
+        finally:  # interrupted or failed midway: still print what was computed, as valid JSON
+            write_json(collected, out)
         count = len(collected)
     else:
         table = Table(title=title, show_lines=False)
         for column in columns:
             table.add_column(column, overflow="fold")
-        for record in records:
-            table.add_row(*(_table_cell(record.get(k)) for k in columns))
-            count += 1
-        Console(file=out, highlight=False, soft_wrap=False).print(table)
+        try:
+            for record in records:
+                table.add_row(*(_table_cell(record.get(k)) for k in columns))
+                count += 1
+        finally:
+            Console(file=out, highlight=False, soft_wrap=False).print(table)
     return count
 
 
 def _csv_cell(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):
@@ -105,7 +124,7 @@ def _table_cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value)
+    return printable(str(value))
 
 
 def key_value_table(pairs: Iterable[tuple[str, Any]], title: str | None = None) -> Table:

@@ -4,22 +4,49 @@ Methods only build parts; this loop decides how images reach them. When no part 
 tower, image features are computed once (or once per cached augmented view) and every later epoch
 costs only the trainable parts. Otherwise images are decoded, augmented and encoded each step, and
 backward stops at the first adapted block because nothing before it requires grad.
+
+Reproducibility is structural: epoch e visits the images in an order drawn from (seed, e), each
+image's augmentation is drawn from (seed, e, image), and a *global* batch is the same whether one
+process takes it or N processes split it (adaclip.distributed). A checkpoint therefore only needs the
+position (epoch, step) next to the trainable and optimizer state to resume bit-exactly.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from .adapter_file import TrainingRecord
-from .data import LabelledImage, SkippedImage, TrainingData
-from .inference import encode_images, iterate_batches, logits_in_batches, report_skipped
+from .checkpoint import TrainingPosition, load_checkpoint, restore_rng, save_checkpoint
+from .data import ImageDataset, LabelledImage, SkippedImage, TrainingData, make_loader
+from .distributed import SINGLE, DistContext, shard_of_batch
+from .errors import AdaclipError
+from .inference import encode_images, logits_in_batches, report_skipped
 from .methods import TrainConfig
 from .model import AdaptedCLIP
 from .ui import log, progress
+
+
+class TrainingInterrupted(AdaclipError):
+    """Ctrl-C during fit: the last checkpoint is intact and the message says how to resume."""
+
+    exit_code = 130
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often `fit` saves resumable state."""
+
+    path: Path
+    every_steps: int | None = None  # also every N optimisation steps (always at each epoch's end)
+    resume: bool = False
+    fingerprint: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -29,16 +56,16 @@ class TrainingOutcome:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+EpochCallback = Callable[[int, dict], None]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on matrices only: decaying gates, biases and norms towards 0 is rarely wanted."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [
         group
-        for group in (
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        )
+        for group in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if group["params"]
     ]
     if cfg.optimizer == "sgd":
@@ -61,8 +88,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch`: a function of (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
 class FeatureCache:
-    """Image features of the training set for frozen image towers: one view per epoch modulo `views`."""
+    """Image features of the training set for frozen image towers: view `epoch % views` per epoch."""
 
     def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, seed: int, workers):
         self.model = model
@@ -73,29 +106,49 @@ class FeatureCache:
         self.seed = seed
         self.workers = workers
         self.batch_size = max(64, cfg.batch_size)
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[int, torch.Tensor] = {}
         self.skipped: list[SkippedImage] = []
 
-    def view(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(features, labels, dataset positions) of the view used in `epoch`."""
+    def view(self, epoch: int) -> torch.Tensor:
+        """(N, D) features by dataset position (zeros for unreadable images, which are never sampled)."""
         index = epoch % self.views
         if index not in self._views:
             backbone = self.model.backbone
             transform = backbone.train_transform(self.min_scale) if self.augmented else backbone.eval_transform()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1009 + index)  # the view's crops depend on seed and view only
-                encoded = encode_images(
-                    self.model,
-                    self.images,
-                    transform,
-                    batch_size=self.batch_size,
-                    workers=self.workers,
-                    description=f"caching features (view {index + 1}/{self.views})",
-                )
+            encoded = encode_images(
+                self.model,
+                self.images,
+                transform,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                description=f"caching features (view {index + 1}/{self.views})",
+                seed=self.seed if self.augmented else None,
+                epoch=index,
+            )
             if index == 0:
                 self.skipped = encoded.skipped
-            self._views[index] = (encoded.features, encoded.labels.to(encoded.features.device), encoded.indices)
+            self._views[index] = _by_position(encoded, len(self.images), self.model.backbone.embed_dim)
         return self._views[index]
+
+
+def _by_position(encoded, n: int, dim: int) -> torch.Tensor:
+    table = torch.zeros(n, dim, device=encoded.features.device)
+    if len(encoded.indices):
+        table[encoded.indices.to(table.device)] = encoded.features
+    return table
+
+
+class _StepModule(nn.Module):
+    """One training step's loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: AdaptedCLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels, pixels, features, references):
+        return self.model.training_loss(
+            labels, pixels=pixels, image_features=features, reference_image_features=references
+        )
 
 
 def train(
@@ -104,100 +157,172 @@ def train(
     *,
     seed: int = 0,
     workers: int | None = None,
+    dist_ctx: DistContext = SINGLE,
+    checkpoint: CheckpointPolicy | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> TrainingOutcome:
     """Train the model's parts in place; return what happened (recorded in the adapter file)."""
     cfg = model.config.train
     start = time.perf_counter()
     params = model.trainable_parameters()
     backbone = model.backbone
-    val = _Validator(model, data.val, workers)
+    validator = _Validator(model, data.val, workers, dist_ctx)
     if not model.config.trainable or cfg.epochs == 0 or not params:
-        val_acc = val.accuracy()
         record = TrainingRecord(
             epochs=0,
             steps=0,
             final_loss=None,
-            val_accuracy=val_acc,
+            val_accuracy=validator.accuracy(),
             device=str(backbone.device),
             precision=backbone.precision,
-            skipped_images=len(val.skipped),
+            skipped_images=len(validator.skipped),
         )
         return TrainingOutcome(record, time.perf_counter() - start)
 
     torch.manual_seed(seed)
-    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
-    references = _reference_features(model, data.train, cfg, workers)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    n = len(data.train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
-    order = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    epoch_seconds: list[float] = []
+    position = TrainingPosition()
+    resumed = False
+    if checkpoint is not None and checkpoint.resume:
+        loaded = load_checkpoint(checkpoint.path, checkpoint.fingerprint)
+        model.load_state_dict(loaded.model_state, strict=True)
+        optimizer.load_state_dict(loaded.optimizer_state)
+        scheduler.load_state_dict(loaded.scheduler_state)
+        restore_rng(loaded.rng)
+        position = loaded.position
+        resumed = True
+        log.info(f"resuming from {checkpoint.path} at epoch {position.epoch + 1}, step {position.step_in_epoch}")
+
+    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
+    references = _reference_features(model, data.train, cfg, workers)
+    step_module: nn.Module = _StepModule(model)
+    if dist_ctx.enabled:
+        device_ids = [backbone.device.index] if backbone.device.type == "cuda" else None
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=device_ids)
     skipped: dict[str, SkippedImage] = {}
-    steps = 0
-    last_loss = None
+    epoch_seconds: list[float] = []
     log.detail(
         f"training {model.n_trainable():,} parameters for {cfg.epochs} epochs x {steps_per_epoch} steps"
-        f" ({'cached features' if cache else 'images through the encoder'})"
+        f" ({'cached features' if cache else 'images through the encoder'}, {dist_ctx.world} process(es))"
     )
-    with progress("training", total=total_steps) as advance:
-        for epoch in range(cfg.epochs):
-            epoch_start = time.perf_counter()
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            batches = _epoch_batches(model, data, cfg, cache, epoch, order, workers, skipped)
-            for labels, pixels, features, indices in batches:
-                reference = references[indices.to(references.device)] if references is not None else None
-                loss, ctx = model.training_loss(
-                    labels, pixels=pixels, image_features=features, reference_image_features=reference
+    try:
+        with progress("training", total=total_steps) as advance:
+            advance(position.global_step)
+            for epoch in range(position.epoch, cfg.epochs):
+                epoch_start = time.perf_counter()
+                model.train()
+                order = epoch_order(n, seed, epoch)
+                batches = _epoch_batches(
+                    model, data, cfg, cache, epoch, order, position.step_in_epoch, seed, workers, dist_ctx, skipped
                 )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if not model.text_tower_frozen:
-                    model.invalidate_class_cache()  # cached (eval) text features are stale now
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-                steps += 1
-                n = len(labels)
-                loss_sum += loss.item() * n
-                correct += int((ctx.logits.argmax(dim=-1) == ctx.labels).sum())
-                seen += n
-                advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
-            last_loss = loss_sum / max(1, seen)
-            val_acc = val.accuracy()
-            entry = {
-                "epoch": epoch + 1,
-                "loss": round(last_loss, 6),
-                "train_accuracy": round(correct / max(1, seen), 6),
-                "val_accuracy": None if val_acc is None else round(val_acc, 6),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            history.append(entry)
-            epoch_seconds.append(time.perf_counter() - epoch_start)
-            log.info(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {last_loss:.4f}, train acc {entry['train_accuracy']:.3f}"
-                + (f", val acc {val_acc:.3f}" if val_acc is not None else "")
-                + f" ({epoch_seconds[-1]:.1f}s)"
-            )
+                for global_n, labels, pixels, features, indices, weight in batches:
+                    refs = references[indices.to(references.device)] if references is not None else None
+                    loss, ctx = step_module(labels, pixels, features, refs)
+                    # Each rank's mean is rescaled so that DDP's average equals the mean over the global batch.
+                    scaled = loss * (weight * len(labels) * dist_ctx.world / global_n)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaled.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    if not model.text_tower_frozen:
+                        model.invalidate_class_cache()  # cached (eval) text features are stale now
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+                    sums = weight * torch.tensor(
+                        [
+                            loss.detach().item() * len(labels),
+                            float((ctx.logits.argmax(-1) == ctx.labels).sum()),
+                            float(len(labels)),
+                        ]
+                    )
+                    dist_ctx.all_reduce_sum(sums)
+                    position.epoch_sums = [a + b for a, b in zip(position.epoch_sums, sums.tolist(), strict=True)]
+                    position.step_in_epoch += 1
+                    position.global_step += 1
+                    advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+                    if (
+                        checkpoint is not None
+                        and checkpoint.every_steps
+                        and position.global_step % checkpoint.every_steps == 0
+                        and position.step_in_epoch < steps_per_epoch
+                    ):
+                        _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
+                entry = _finish_epoch(model, position, scheduler, validator, epoch, cfg.epochs)
+                epoch_seconds.append(time.perf_counter() - epoch_start)
+                log.info(_epoch_line(entry, cfg.epochs, epoch_seconds[-1]))
+                if checkpoint is not None:
+                    _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, entry)
+    except KeyboardInterrupt:
+        where = f"epoch {position.epoch + 1}, step {position.step_in_epoch}"
+        if checkpoint is not None and checkpoint.path.exists():
+            raise TrainingInterrupted(
+                f"interrupted at {where}; the last checkpoint is intact",
+                path=checkpoint.path,
+                fix="run the same command with --resume to continue",
+            ) from None
+        raise TrainingInterrupted(f"interrupted at {where}; nothing was saved") from None
+
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
     model.eval()
+    history = position.history
     record = TrainingRecord(
         epochs=cfg.epochs,
-        steps=steps,
-        final_loss=last_loss,
+        steps=position.global_step,
+        final_loss=history[-1]["loss"] if history else None,
         val_accuracy=history[-1]["val_accuracy"] if history else None,
         history=history,
-        skipped_images=len(skipped) + len(val.skipped),
+        skipped_images=len(skipped) + len(validator.skipped),
         device=str(backbone.device),
         precision=backbone.precision,
+        resumed=resumed,
     )
     return TrainingOutcome(record, time.perf_counter() - start, epoch_seconds)
+
+
+def _finish_epoch(model, position: TrainingPosition, scheduler, validator, epoch: int, epochs: int) -> dict:
+    loss_sum, correct, seen = position.epoch_sums
+    val_acc = validator.accuracy()
+    entry = {
+        "epoch": epoch + 1,
+        "loss": round(loss_sum / max(1.0, seen), 6),
+        "train_accuracy": round(correct / max(1.0, seen), 6),
+        "val_accuracy": None if val_acc is None else round(val_acc, 6),
+        "lr": scheduler.get_last_lr()[0],
+    }
+    position.history.append(entry)
+    position.epoch += 1
+    position.step_in_epoch = 0
+    position.epoch_sums = [0.0, 0.0, 0.0]
+    return entry
+
+
+def _epoch_line(entry: dict, epochs: int, seconds: float) -> str:
+    line = f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}, train acc {entry['train_accuracy']:.3f}"
+    if entry["val_accuracy"] is not None:
+        line += f", val acc {entry['val_accuracy']:.3f}"
+    return line + f" ({seconds:.1f}s)"
+
+
+def _save(policy: CheckpointPolicy, model, optimizer, scheduler, position, dist_ctx: DistContext) -> None:
+    if dist_ctx.is_main:
+        save_checkpoint(
+            policy.path,
+            model_state=model.adapter_state(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            fingerprint=policy.fingerprint,
+        )
+    dist_ctx.barrier()
 
 
 def _use_cache(model: AdaptedCLIP, cfg: TrainConfig) -> bool:
@@ -214,62 +339,99 @@ def _reference_features(model: AdaptedCLIP, images: list[LabelledImage], cfg: Tr
         encoded = encode_images(
             model, images, model.backbone.eval_transform(), workers=workers, description="zero-shot references"
         )
-    references = torch.zeros(len(images), model.backbone.embed_dim, device=encoded.features.device)
-    references[encoded.indices.to(references.device)] = encoded.features
-    return references
+    return _by_position(encoded, len(images), model.backbone.embed_dim)
 
 
-def _epoch_batches(model, data, cfg: TrainConfig, cache: FeatureCache | None, epoch, order, workers, skipped):
-    """Yield (labels, pixels | None, features | None, dataset indices) for one epoch in a seeded order."""
+def _epoch_batches(
+    model: AdaptedCLIP,
+    data: TrainingData,
+    cfg: TrainConfig,
+    cache: FeatureCache | None,
+    epoch: int,
+    order: torch.Tensor,
+    start_step: int,
+    seed: int,
+    workers,
+    dist_ctx: DistContext,
+    skipped: dict[str, SkippedImage],
+) -> Iterator[tuple]:
+    """Yield (global readable count, labels, pixels | None, features | None, dataset positions, weight)
+    for this rank, from global batch `start_step` of the epoch on."""
+    global_batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][start_step:]
+    shards = [shard_of_batch(batch, dist_ctx, cfg.batch_size) for batch in global_batches]
+    device = model.backbone.device
     if cache is not None:
-        features, labels, positions = cache.view(epoch)
-        permutation = torch.randperm(len(labels), generator=order)
-        for i in range(0, len(labels), cfg.batch_size):
-            index = permutation[i : i + cfg.batch_size].to(features.device)
-            yield labels[index], None, features[index], positions[index.cpu()]
+        features = cache.view(epoch)
+        labels_all = torch.tensor([im.label for im in data.train])
+        readable = torch.ones(len(data.train), dtype=torch.bool)
+        for item in cache.skipped:
+            readable[item.index] = False
+        for shard in shards:
+            shard = shard[readable[shard]]
+            yield _step_inputs(labels_all[shard], None, features[shard.to(features.device)], shard, dist_ctx, model)
         return
     backbone = model.backbone
     transform = backbone.train_transform(cfg.min_crop_scale) if cfg.augment else backbone.eval_transform()
-    epoch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=order))
-    for batch in iterate_batches(
-        data.train, transform, batch_size=cfg.batch_size, workers=workers, shuffle=True, seed=epoch_seed
-    ):
-        for item in batch.skipped:
-            if item.path not in skipped:
-                skipped[item.path] = item
-                report_skipped([item])
-        if len(batch.labels):
-            yield batch.labels.to(backbone.device), batch.pixels.to(backbone.device), None, batch.indices
+    dataset = ImageDataset.from_labelled(data.train, transform, seed=seed if cfg.augment else None)
+    dataset.epoch = epoch
+    loader = make_loader(
+        dataset, batch_sampler=[s.tolist() for s in shards], workers=workers, pin_memory=device.type == "cuda"
+    )
+    for batch in loader:
+        fresh = [item for item in batch.skipped if item.path not in skipped]
+        for item in fresh:
+            skipped[item.path] = item
+        report_skipped(fresh)
+        yield _step_inputs(batch.labels, batch.pixels, None, batch.indices, dist_ctx, model)
+
+
+def _step_inputs(labels, pixels, features, positions, dist_ctx: DistContext, model: AdaptedCLIP):
+    """Count the global batch's readable images across ranks, and give a rank whose share is empty a
+    zero-weight placeholder so it still joins the collective gradient average."""
+    device = model.backbone.device
+    global_n = int(dist_ctx.all_reduce_sum(torch.tensor([float(len(labels))])).item())
+    if len(labels) == 0:
+        labels = torch.zeros(1, dtype=torch.long)
+        positions = torch.zeros(1, dtype=torch.long)
+        if features is not None:
+            features = torch.zeros(1, model.backbone.embed_dim, device=device)
+        else:
+            pixels = model.backbone.sample_image()
+        return max(1, global_n), labels.to(device), pixels, features, positions, 0.0
+    if pixels is not None:
+        pixels = pixels.to(device, non_blocking=True)
+    return max(1, global_n), labels.to(device), pixels, features, positions, 1.0
 
 
 class _Validator:
-    """Validation accuracy per epoch; features are encoded once when the image tower is frozen."""
+    """Validation accuracy per epoch, on this rank's share of the images, summed across ranks.
+    Features are encoded once when the image tower is frozen."""
 
-    def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], workers):
+    def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], workers, dist_ctx: DistContext):
         self.model = model
-        self.images = images
+        self.images = images[dist_ctx.rank :: dist_ctx.world]
+        self.any_images = bool(images)
         self.workers = workers
+        self.dist_ctx = dist_ctx
         self.skipped: list[SkippedImage] = []
         self._frozen_features = None
 
     def accuracy(self) -> float | None:
-        if not self.images:
+        if not self.any_images:
             return None
         model = self.model
         if model.image_tower_frozen and self._frozen_features is not None:
             encoded = self._frozen_features
         else:
             encoded = encode_images(
-                model,
-                self.images,
-                model.backbone.eval_transform(),
-                workers=self.workers,
-                description="validating",
+                model, self.images, model.backbone.eval_transform(), workers=self.workers, description="validating"
             )
             self.skipped = encoded.skipped
             if model.image_tower_frozen:
                 self._frozen_features = encoded
-        if len(encoded.labels) == 0:
-            return None
-        predictions = logits_in_batches(model, encoded.features).argmax(dim=-1).cpu()
-        return float((predictions == encoded.labels.cpu()).float().mean())
+        counts = torch.zeros(2)
+        if len(encoded.labels):
+            predictions = logits_in_batches(model, encoded.features).argmax(dim=-1).cpu()
+            counts += torch.tensor([float((predictions == encoded.labels.cpu()).sum()), float(len(predictions))])
+        self.dist_ctx.all_reduce_sum(counts)
+        return None if counts[1] == 0 else float(counts[0] / counts[1])

@@ -48,11 +48,24 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return registry[name]
 
 
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def make_method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodConfig:
     """Validate `overrides` (nested dicts allowed, e.g. {"train": {"lr": 1e-3}}) against the method's config."""
     config_class = method_config_class(name)
+    # Overrides go on top of the method's own defaults: `{"train": {"lr": 1e-3}}` keeps the method's
+    # other training values instead of falling back to TrainConfig's generic ones.
+    document = deep_merge(config_class().model_dump(), overrides or {})
     try:
-        return config_class.model_validate(overrides or {})
+        return config_class.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
@@ -69,6 +82,7 @@ __all__ = [
     "MethodConfig",
     "Parts",
     "TrainConfig",
+    "deep_merge",
     "list_methods",
     "make_method_config",
     "method_config_class",

@@ -112,8 +112,8 @@ class Component(nn.Module):
         self._binding: tuple[Backbone, object] | None = None
 
     def bind(self, backbone: Backbone, owner_token: object) -> None:
-        """Tie the component to the model that owns it. Several models may share one backbone; only
-        the components of the model that ran last (`backbone.active_token`) take part in a pass."""
+        """Tie the component to the model that owns it. Several models may share one backbone; only the
+        components of the model whose pass is running (`backbone.active_token`) take part in it."""
         self._binding = (backbone, owner_token)
 
     @property
