@@ -35,6 +35,7 @@ def iterate_batches(
     workers: int | None = None,
     seed: int | None = None,
     epoch: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
     """Batches in input order; with `seed`, random transforms are drawn per (seed, epoch, image)."""
     if images and isinstance(images[0], LabelledImage):
@@ -42,7 +43,7 @@ def iterate_batches(
     else:
         dataset = ImageDataset(list(images), None, transform, seed=seed)  # type: ignore[arg-type]
     dataset.epoch = epoch
-    yield from make_loader(dataset, batch_size=batch_size, workers=workers)
+    yield from make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
 
 
 @torch.no_grad()
@@ -63,7 +64,15 @@ def encode_images(
     feats, labels, indices, skipped = [], [], [], []
     try:
         with progress(description, total=len(images)) as advance:
-            batches = iterate_batches(images, transform, batch_size=batch_size, workers=workers, seed=seed, epoch=epoch)
+            batches = iterate_batches(
+                images,
+                transform,
+                batch_size=batch_size,
+                workers=workers,
+                seed=seed,
+                epoch=epoch,
+                pin_memory=model.backbone.device.type == "cuda",
+            )
             for batch in batches:
                 skipped.extend(batch.skipped)
                 if len(batch.labels):
