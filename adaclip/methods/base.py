@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -74,6 +74,21 @@ class MethodConfig(BaseModel):
     class_agnostic: ClassVar[bool] = True
 
     train: TrainConfig = TrainConfig()
+
+    @classmethod
+    def default_train(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The recipe this method trains with unless told otherwise (may depend on its other settings)."""
+        return cls.model_fields["train"].default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_train(cls, data: Any) -> Any:
+        """A partial `train` (`--epochs`, `--set train.lr=...`) changes only the fields it names; the
+        others keep this method's recipe rather than TrainConfig's generic defaults."""
+        if isinstance(data, dict) and not isinstance(data.get("train"), TrainConfig):
+            recipe = cls.default_train(data).model_dump()
+            data = {**data, "train": {**recipe, **(data.get("train") or {})}}
+        return data
 
     def build(self, ctx: BuildContext) -> Parts:
         raise NotImplementedError
