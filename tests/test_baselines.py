@@ -2,7 +2,318 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import adaclip
+from adaclip.errors import UsageError
 from adaclip.methods import make_method_config
+from adaclip.methods.lora import LoRAUpdate, MultiheadAttentionWrapper, _Entry
+from adaclip.model import AdaptedCLIP
+
+CLASSES = ["red circle", "green square", "blue stripes"]
+TEMPLATES = ["a photo of a {}."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine a second one costs ~10x CPU time
+    in spin-waits (measured: a 40-epoch CoOp fit takes 1.1 s of CPU on 1 thread, 11.8 s on 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pixels(n=4, seed=0):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _state(backbone):
+    return {k: v.clone() for k, v in backbone.model.state_dict().items()}
+
+
+def _same_state(before, backbone):
+    after = backbone.model.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _randomize(model, std=0.1, seed=0):
+    """Move every trainable tensor away from its (no-op) start."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    model.invalidate_class_cache()
+
+
+@pytest.fixture(scope="module")
+def zero_shot_accuracy(dataset, tiny_backbone):
+    return adaclip.fit(dataset, method="zeroshot", backbone=tiny_backbone).evaluate(dataset).accuracy
+
+
+@pytest.fixture(scope="module")
+def hf_backbone():
+    """A tiny open_clip CustomTextCLIP whose text tower is a Hugging Face BERT (like `lite`'s MiniLM)."""
+    pytest.importorskip("transformers")
+    import open_clip
+    from open_clip.hf_model import HFTextEncoder
+    from transformers import BertConfig
+
+    from adaclip.backbone import Backbone, BackboneIdentity, PreprocessConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vision = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}
+        text = {"context_length": 16, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+        model = open_clip.CustomTextCLIP(embed_dim=48, vision_cfg=vision, text_cfg=text)
+        bert = BertConfig(
+            vocab_size=49408,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=16,
+            pad_token_id=0,
+        )
+        model.text = HFTextEncoder("bert", output_dim=48, config=bert, pooler_type="mean_pooler", proj_type="linear")
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    preprocess = PreprocessConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    identity = BackboneIdentity(name="test-hf-bert", pretrained="none", embed_dim=48, image_size=32)
+    return Backbone(model, tokenizer, preprocess, identity, torch.device("cpu"), "fp32")
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+class _Active:
+    active = True
+
+
+def _mha_cases(batch_first: bool):
+    L, S, B, D = 5, 7, 3, 16
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(n):
+        shape = (B, n, D) if batch_first else (n, B, D)
+        return torch.randn(shape, generator=generator)
+
+    x, memory = tokens(L), tokens(S)
+    causal = torch.triu(torch.full((L, L), float("-inf")), 1)
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[0, -2:] = True
+    single = x[0] if batch_first else x[:, 0]
+    return [
+        {"query": x, "key": x, "value": x},
+        {"query": x, "key": x, "value": x, "attn_mask": causal, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": causal, "is_causal": True, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": causal < 0},
+        {"query": x, "key": x, "value": x, "key_padding_mask": padding, "attn_mask": causal < 0, "need_weights": False},
+        {"query": x, "key": x, "value": x, "attn_mask": torch.randn(B * 4, L, L, generator=generator)},
+        {"query": x, "key": x, "value": x, "average_attn_weights": False},
+        {"query": x, "key": memory, "value": memory},
+        {"query": single, "key": single, "value": single},
+    ]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lora_attention_matches_multihead_attention(batch_first):
+    """At init the wrapper reproduces nn.MultiheadAttention (outputs and weights) within 1e-6; with
+    non-zero updates it equals the module whose weights carry W + s B A."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    parent = nn.Module()
+    parent.attn = mha
+    wrapper = MultiheadAttentionWrapper(mha, parent, "attn")
+    updates = {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+    wrapper.entries.append(_Entry(_Active(), updates))
+    cases = _mha_cases(batch_first)
+    with torch.no_grad():
+        for case in cases:
+            for want, got in zip(mha(**case), wrapper(**case), strict=True):
+                assert (want is None) == (got is None)
+                if want is not None:
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        for update in updates.values():
+            update.lora_B.normal_()
+        merged = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        merged.load_state_dict(mha.state_dict())
+        for name, weight in wrapper.merged_weights(updates).items():
+            merged.get_parameter(name).copy_(weight)
+        for case in cases:
+            torch.testing.assert_close(wrapper(**case)[0], merged(**case)[0], rtol=0, atol=1e-5)
+    wrapper.entries.clear()
+    with torch.no_grad():  # no active component: the original module runs
+        assert torch.equal(wrapper(**cases[0])[0], mha(**cases[0])[0])
+
+
+def test_lora_starts_at_zero_shot_and_detach_restores_the_backbone(tiny_backbone):
+    pixels = _pixels()
+    blocks = tiny_backbone.model.visual.transformer.resblocks
+    original = blocks[0].attn
+    keys = list(tiny_backbone.model.state_dict())
+    zero_shot = AdaptedCLIP(tiny_backbone, make_method_config("zeroshot"), CLASSES, TEMPLATES)
+    with torch.no_grad():
+        reference = zero_shot(pixels)
+    model = AdaptedCLIP(tiny_backbone, make_method_config("lora"), CLASSES, TEMPLATES).eval()
+    assert isinstance(blocks[0].attn, MultiheadAttentionWrapper)
+    assert list(tiny_backbone.model.state_dict()) == keys  # wrappers expose the original tensors' names
+    assert all(".lora." in k and k.endswith(("lora_A", "lora_B")) for k in model.adapter_state())
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), reference, rtol=0, atol=1e-5)
+        _randomize(model)
+        assert not torch.allclose(model(pixels), reference, atol=1e-3)
+        with model.components_disabled():  # inactive: the original modules run, bit for bit
+            model.invalidate_class_cache()
+            assert torch.equal(model(pixels), reference)
+    model.detach_components()
+    assert blocks[0].attn is original and type(blocks[0].attn) is nn.MultiheadAttention
+    assert type(tiny_backbone.model.transformer.resblocks[0].attn) is nn.MultiheadAttention
+    zero_shot.invalidate_class_cache()
+    with torch.no_grad():
+        assert torch.equal(zero_shot(pixels), reference)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"projections": ["q", "v", "out"], "rank": 4},
+        {"towers": "image", "blocks": "2-3", "rank": 1},
+        {"towers": "text", "text_blocks": "last1", "projections": ["out"]},
+    ],
+)
+def test_lora_parameter_count_is_r_times_din_plus_dout(tiny_backbone, settings):
+    config = make_method_config("lora", settings)
+    model = AdaptedCLIP(tiny_backbone, config, ["a", "b"], ["{}"])
+    actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.n_trainable() == actual == sum(v.numel() for v in model.adapter_state().values())
+    expected = 0
+    from adaclip.inject import parse_block_selection
+
+    for tower, (width, n_blocks) in {"image": (64, 4), "text": (48, 3)}.items():
+        if config.towers in ("both", tower):
+            spec = (config.image_blocks if tower == "image" else config.text_blocks) or config.blocks
+            n_layers = len(parse_block_selection(spec, n_blocks))
+            expected += n_layers * len(config.projections) * config.rank * (width + width)
+    assert actual == expected
+    model.detach_components()
+
+
+def test_lora_vit_b16_has_clip_loras_184320_parameters():
+    from typer.testing import CliRunner
+
+    from adaclip.cli import app
+
+    result = CliRunner().invoke(
+        app, ["info", "--method", "lora", "--backbone", "ViT-B-16", "--pretrained", "none"] + ["-f", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["trainable_params"] == 184_320  # CLIP-LoRA's published count
+    per_projection = {k.split(".", 2)[2]: v for k, v in info["parameter_breakdown"].items()}
+    # 12 layers x r * (d_in + d_out), r = 2: 768-wide image tower, 512-wide text tower
+    assert per_projection == {
+        **{f"image.{p}": 12 * 2 * (768 + 768) for p in "qkv"},
+        **{f"text.{p}": 12 * 2 * (512 + 512) for p in "qkv"},
+    }
+    assert info["config"]["rank"] == 2 and info["config"]["dropout"] == 0.25
+    assert info["config"]["train"]["lr"] == 2e-4 and info["class_agnostic"] is True
+
+
+def test_lora_gradients_reach_only_lora_and_dropout_acts_in_training(tiny_backbone):
+    model = AdaptedCLIP(tiny_backbone, make_method_config("lora"), CLASSES, TEMPLATES)
+    _randomize(model)
+    model.train()
+    pixels = _pixels()
+    loss, _ = model.training_loss(torch.tensor([0, 1, 2, 0]), pixels=pixels)
+    loss.backward()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+    trainable = model.trainable_parameters()
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = model.image_features(pixels)
+        second = model.image_features(pixels)
+        assert not torch.allclose(first, second)  # a fresh dropout mask per pass
+        model.eval()
+        assert torch.equal(model.image_features(pixels), model.image_features(pixels))
+    model.detach_components()
+
+
+def test_lora_models_sharing_a_backbone_do_not_stack(tiny_backbone):
+    first = AdaptedCLIP(tiny_backbone, make_method_config("lora"), CLASSES, TEMPLATES, seed=1)
+    second = AdaptedCLIP(tiny_backbone, make_method_config("lora"), CLASSES, TEMPLATES, seed=2)
+    _randomize(first, seed=1)
+    _randomize(second, seed=2)
+    first.eval(), second.eval()
+    pixels = _pixels()
+    with torch.no_grad():
+        alone = first(pixels)
+        second(pixels)
+        assert torch.equal(first(pixels), alone)
+    first.detach_components()  # in either order: the wrappers stay while the other model uses them
+    with torch.no_grad():
+        assert not torch.allclose(second(pixels), alone)
+    second.detach_components()
+    assert type(tiny_backbone.model.visual.transformer.resblocks[0].attn) is nn.MultiheadAttention
+
+
+def test_lora_learns_keeps_the_backbone_and_round_trips(dataset, tiny_backbone, zero_shot_accuracy, tmp_path):
+    before = _state(tiny_backbone)
+    adapter = adaclip.fit(dataset, method="lora", backbone=tiny_backbone, epochs=10, lr=2e-2, seed=0)
+    accuracy = adapter.evaluate(dataset).accuracy
+    history = adapter.metadata.training.history
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert accuracy >= zero_shot_accuracy + 0.4, (zero_shot_accuracy, accuracy)
+    adapter.model.detach_components()
+    assert _same_state(before, tiny_backbone)
+    adapter.model.components[0].attach(tiny_backbone)
+    path = adapter.save(tmp_path / "lora.adaclip")
+    loaded = adaclip.load(path, backbone=tiny_backbone)
+    pixels = _pixels(8, seed=3)
+    reference = adapter.logits(pixels)
+    assert torch.equal(loaded.logits(pixels), reference)
+    loaded.model.invalidate_class_cache()
+    torch.testing.assert_close(loaded.merge().logits(pixels), reference, rtol=0, atol=1e-5)
+    assert _same_state(before, tiny_backbone)  # merging used copies
+    loaded.model.components[0].unmerge()
+    loaded.model.invalidate_class_cache()
+    assert torch.equal(loaded.logits(pixels), reference)
+
+
+def test_lora_bad_selections_are_usage_errors(tiny_backbone):
+    with pytest.raises(UsageError, match="lora image blocks: bad block"):
+        AdaptedCLIP(tiny_backbone, make_method_config("lora", {"blocks": "x"}), CLASSES, TEMPLATES)
+    with pytest.raises(UsageError, match="no attention projections found"):
+        AdaptedCLIP(tiny_backbone, make_method_config("lora", {"blocks": "none"}), CLASSES, TEMPLATES)
+
+
+def test_lora_on_a_hugging_face_text_tower(hf_backbone):
+    text = hf_backbone.model.text.transformer
+    keys = list(hf_backbone.model.state_dict())
+    reference = hf_backbone.encode_prompts(CLASSES, TEMPLATES)
+    config = make_method_config("lora", {"towers": "text", "projections": ["q", "k", "v", "out"]})
+    model = AdaptedCLIP(hf_backbone, config, CLASSES, TEMPLATES).eval()
+    layer = text.encoder.layer[1].attention
+    wrapped = [layer.self.query, layer.self.key, layer.self.value, layer.output.dense]
+    assert all(type(m).__name__ == "LinearWrapper" for m in wrapped)
+    assert list(hf_backbone.model.state_dict()) == keys
+    assert model.n_trainable() == 2 * 4 * 2 * (48 + 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.class_features(), reference, rtol=0, atol=1e-6)
+        _randomize(model)
+        assert not torch.allclose(model.class_features(), reference, atol=1e-3)
+        changed = model.class_features()
+        model.components[0].merge()
+        model.invalidate_class_cache()
+        torch.testing.assert_close(model.class_features(), changed, rtol=0, atol=1e-5)
+    model.detach_components()
+    assert all(type(m) is nn.Linear for m in (layer.self.query, layer.output.dense))
+    torch.testing.assert_close(hf_backbone.encode_prompts(CLASSES, TEMPLATES), reference, rtol=0, atol=0)
 
 
 def test_partial_train_overrides_keep_the_methods_recipe():
@@ -14,3 +325,5 @@ def test_partial_train_overrides_keep_the_methods_recipe():
     # a complete recipe (as stored in adapter files) round-trips unchanged
     config = make_method_config("adaring", {"train": {"epochs": 3}})
     assert make_method_config("adaring", config.model_dump(mode="json")) == config
+    lora = make_method_config("lora", {"train": {"epochs": 3}}).train
+    assert (lora.epochs, lora.lr, lora.weight_decay, lora.min_crop_scale) == (3, 2e-4, 1e-2, 0.08)
