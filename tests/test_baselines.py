@@ -316,6 +316,79 @@ def test_lora_on_a_hugging_face_text_tower(hf_backbone):
     torch.testing.assert_close(hf_backbone.encode_prompts(CLASSES, TEMPLATES), reference, rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------------------------------ CoOp
+
+
+@pytest.mark.parametrize("which", ["open_clip", "hugging_face"])
+def test_coop_phrase_context_reproduces_the_frozen_text_tower(which, request):
+    """With the context set to the embeddings of "a photo of a", CoOp's class features are the frozen
+    tower's features of "a photo of a {class}."."""
+    backbone = request.getfixturevalue("tiny_backbone" if which == "open_clip" else "hf_backbone")
+    model = AdaptedCLIP(backbone, make_method_config("coop", {"init": "a photo of a"}), CLASSES, TEMPLATES)
+    component = model.components[0]
+    assert component.n_ctx == 4 and component.prompts(["cat"]) == ["a photo of a cat."]
+    with torch.no_grad():
+        reference = backbone.encode_prompts(CLASSES, ["a photo of a {}."])
+        torch.testing.assert_close(model.class_features(), reference, rtol=0, atol=1e-6)
+        component.ctx.add_(0.05 * torch.randn(component.ctx.shape, generator=torch.Generator().manual_seed(0)))
+        model.invalidate_class_cache()
+        assert not torch.allclose(model.class_features(), reference, atol=1e-4)
+
+
+def test_coop_trains_only_the_context(tiny_backbone):
+    model = AdaptedCLIP(tiny_backbone, make_method_config("coop", {"n_ctx": 4}), CLASSES, TEMPLATES)
+    width = tiny_backbone.model.token_embedding.embedding_dim
+    assert model.n_trainable() == 4 * width and model.image_tower_frozen and not model.text_tower_frozen
+    assert model.components[0].prompts(["cat"]) == ["X X X X cat."]
+    assert 0.01 < model.components[0].ctx.std().item() < 0.03  # N(0, 0.02^2)
+    model.train()
+    loss, _ = model.training_loss(torch.tensor([0, 1, 2, 0]), pixels=_pixels())
+    loss.backward()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+    assert model.components[0].ctx.grad.abs().sum() > 0
+
+
+def test_coop_learns_keeps_the_backbone_and_round_trips(dataset, tiny_backbone, zero_shot_accuracy, tmp_path):
+    before = _state(tiny_backbone)
+    adapter = adaclip.fit(
+        dataset,
+        method="coop",
+        backbone=tiny_backbone,
+        epochs=40,
+        lr=0.05,
+        seed=0,
+        n_ctx=4,
+        config={"train": {"optimizer": "adamw"}},
+    )
+    accuracy = adapter.evaluate(dataset).accuracy
+    assert accuracy >= zero_shot_accuracy + 0.3, (zero_shot_accuracy, accuracy)
+    assert _same_state(before, tiny_backbone)
+    path = adapter.save(tmp_path / "coop.adaclip")
+    loaded = adaclip.load(path, backbone=tiny_backbone)
+    assert list(loaded.model.adapter_state()) == ["components.0.ctx"]
+    pixels = _pixels(8, seed=3)
+    assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
+    with loaded.classes(["purple triangle", "red circle"]):  # class-agnostic: any names
+        assert loaded.logits(pixels).shape == (8, 2)
+
+
+def test_coop_refuses_prompts_longer_than_the_context_and_unknown_towers(tiny_backbone):
+    with pytest.raises(UsageError, match="context length"):
+        AdaptedCLIP(tiny_backbone, make_method_config("coop"), CLASSES, TEMPLATES).class_features()  # 16 + name > 16
+    from adaclip.backbone import Backbone
+    from adaclip.methods.coop import token_embedding_layer
+
+    class NoText(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text = nn.Linear(2, 2)
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    fake = Backbone(NoText(), tiny_backbone.tokenizer, tiny_backbone.preprocess, tiny_backbone.identity, "cpu", "fp32")
+    with pytest.raises(UsageError, match="coop does not support this text tower yet"):
+        token_embedding_layer(fake)
+
+
 def test_partial_train_overrides_keep_the_methods_recipe():
     """`--epochs 3` (or `--set train.lr=...`) changes that field only: the rest stays the method's recipe."""
     adaring = make_method_config("adaring", {"train": {"epochs": 3}}).train
@@ -327,3 +400,5 @@ def test_partial_train_overrides_keep_the_methods_recipe():
     assert make_method_config("adaring", config.model_dump(mode="json")) == config
     lora = make_method_config("lora", {"train": {"epochs": 3}}).train
     assert (lora.epochs, lora.lr, lora.weight_decay, lora.min_crop_scale) == (3, 2e-4, 1e-2, 0.08)
+    coop = make_method_config("coop", {"train": {"lr": 0.01}}).train
+    assert (coop.optimizer, coop.lr, coop.epochs) == ("sgd", 0.01, 50)

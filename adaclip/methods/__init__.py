@@ -25,7 +25,7 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora")
+_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop")
 _loaded = False
 
 
