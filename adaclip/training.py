@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .adapter_file import TrainingRecord
 from .data import LabelledImage, SkippedImage, TrainingData
-from .inference import encode_images, iterate_batches, logits_in_batches, report_skipped
-from .methods import TrainConfig
+from .inference import EncodedImages, encode_images, iterate_batches, logits_in_batches, report_skipped
+from .methods import FeatureSet, TrainConfig
 from .model import AdaptedCLIP
 from .ui import log, progress
 
@@ -108,10 +109,14 @@ def train(
     """Train the model's parts in place; return what happened (recorded in the adapter file)."""
     cfg = model.config.train
     start = time.perf_counter()
-    params = model.trainable_parameters()
     backbone = model.backbone
     val = _Validator(model, data.val, workers)
+    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
+    if model.head.uses_training_features:
+        model.head.fit_training_features(_training_features(model, data, cache, workers))
+    params = model.trainable_parameters()
     if not model.config.trainable or cfg.epochs == 0 or not params:
+        _calibrate(model, val)
         val_acc = val.accuracy()
         record = TrainingRecord(
             epochs=0,
@@ -120,12 +125,11 @@ def train(
             val_accuracy=val_acc,
             device=str(backbone.device),
             precision=backbone.precision,
-            skipped_images=len(val.skipped),
+            skipped_images=len(val.skipped) + (len(cache.skipped) if cache is not None else 0),
         )
         return TrainingOutcome(record, time.perf_counter() - start)
 
     torch.manual_seed(seed)
-    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
     references = _reference_features(model, data.train, cfg, workers)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -187,11 +191,14 @@ def train(
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
     model.eval()
+    final_val_accuracy = history[-1]["val_accuracy"] if history else None
+    if _calibrate(model, val):
+        final_val_accuracy = val.accuracy()  # after the head's settings were tuned on it
     record = TrainingRecord(
         epochs=cfg.epochs,
         steps=steps,
         final_loss=last_loss,
-        val_accuracy=history[-1]["val_accuracy"] if history else None,
+        val_accuracy=final_val_accuracy,
         history=history,
         skipped_images=len(skipped) + len(val.skipped),
         device=str(backbone.device),
@@ -202,6 +209,43 @@ def train(
 
 def _use_cache(model: AdaptedCLIP, cfg: TrainConfig) -> bool:
     return model.image_tower_frozen and cfg.feature_cache != "off"
+
+
+def _training_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers) -> FeatureSet:
+    """Every training image's features for heads built from them: the mean over the cached views when
+    the loop caches (augmented) features, else one un-augmented pass."""
+    if cache is not None:
+        views = [cache.view(index) for index in range(cache.views)]
+        features, labels, positions = views[0]
+        if any(not torch.equal(positions, other[2]) for other in views[1:]):
+            raise RuntimeError("cached feature views disagree on which training images they hold")
+        mean = torch.stack([view[0] for view in views]).mean(dim=0)
+        return FeatureSet(F.normalize(mean, dim=-1), labels)
+    encoded = encode_images(
+        model, data.train, model.backbone.eval_transform(), workers=workers, description="encoding training images"
+    )
+    return FeatureSet(encoded.features, encoded.labels.to(encoded.features.device))
+
+
+def _calibrate(model: AdaptedCLIP, val: _Validator) -> bool:
+    """Let a head tune its settings on the validation features; True when it changed something."""
+    if not model.head.uses_validation_features:
+        return False
+    encoded = val.encoded()
+    if encoded is None or len(encoded.labels) == 0:
+        log.info("no validation images: the head keeps its configured settings")
+        return False
+    with torch.no_grad():
+        class_features = model.class_features()
+        chosen = model.head.calibrate(
+            FeatureSet(encoded.features, encoded.labels.to(encoded.features.device)),
+            class_features,
+            model.backbone.logit_scale,
+        )
+    if not chosen:
+        return False
+    log.info("tuned on the validation set: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
+    return True
 
 
 def _reference_features(model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
@@ -252,24 +296,28 @@ class _Validator:
         self.skipped: list[SkippedImage] = []
         self._frozen_features = None
 
-    def accuracy(self) -> float | None:
+    def encoded(self) -> EncodedImages | None:
+        """Validation features through the current image tower (encoded once when it is frozen)."""
         if not self.images:
             return None
         model = self.model
         if model.image_tower_frozen and self._frozen_features is not None:
-            encoded = self._frozen_features
-        else:
-            encoded = encode_images(
-                model,
-                self.images,
-                model.backbone.eval_transform(),
-                workers=self.workers,
-                description="validating",
-            )
-            self.skipped = encoded.skipped
-            if model.image_tower_frozen:
-                self._frozen_features = encoded
-        if len(encoded.labels) == 0:
+            return self._frozen_features
+        encoded = encode_images(
+            model,
+            self.images,
+            model.backbone.eval_transform(),
+            workers=self.workers,
+            description="validating",
+        )
+        self.skipped = encoded.skipped
+        if model.image_tower_frozen:
+            self._frozen_features = encoded
+        return encoded
+
+    def accuracy(self) -> float | None:
+        encoded = self.encoded()
+        if encoded is None or len(encoded.labels) == 0:
             return None
-        predictions = logits_in_batches(model, encoded.features).argmax(dim=-1).cpu()
+        predictions = logits_in_batches(self.model, encoded.features).argmax(dim=-1).cpu()
         return float((predictions == encoded.labels.cpu()).float().mean())

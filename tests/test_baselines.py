@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 import adaclip
+from adaclip.data import prepare_training_data
 from adaclip.errors import UsageError
+from adaclip.inference import encode_images
 from adaclip.methods import make_method_config
 from adaclip.methods.lora import LoRAUpdate, MultiheadAttentionWrapper, _Entry
+from adaclip.methods.tip_adapter import grid
 from adaclip.model import AdaptedCLIP
 
 CLASSES = ["red circle", "green square", "blue stripes"]
@@ -389,6 +392,81 @@ def test_coop_refuses_prompts_longer_than_the_context_and_unknown_towers(tiny_ba
         token_embedding_layer(fake)
 
 
+# ------------------------------------------------------------------------------------------ Tip-Adapter
+
+
+def test_tip_adapter_builds_its_cache_and_round_trips_bit_exact(dataset, tiny_backbone, zero_shot_accuracy, tmp_path):
+    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0, search=False)
+    head = adapter.model.head
+    n_train = adapter.metadata.data.n_train
+    assert head.cache_keys.shape == (n_train, tiny_backbone.embed_dim) and adapter.trainable_params == 0
+    torch.testing.assert_close(head.cache_keys.norm(dim=-1), torch.ones(n_train))
+    assert torch.equal(head.cache_values.sum(dim=0), torch.full((4,), n_train / 4))  # one-hot, balanced classes
+    assert (head.alpha.item(), head.beta.item()) == (1.0, 5.5)
+    assert adapter.metadata.training.epochs == 0
+    accuracy = adapter.evaluate(dataset).accuracy
+    assert accuracy >= zero_shot_accuracy + 0.3, (zero_shot_accuracy, accuracy)
+    # logits are zero-shot + alpha * exp(-beta (1 - f K^T)) V
+    pixels = _pixels(6, seed=4)
+    features = adapter.model.image_features(pixels)
+    zero_shot = tiny_backbone.logit_scale * features @ adapter.model.class_features().t()
+    cache = torch.exp(-5.5 * (1 - features @ head.cache_keys.t())) @ head.cache_values
+    torch.testing.assert_close(adapter.logits(pixels), zero_shot + cache)
+    path = adapter.save(tmp_path / "tip.adaclip")
+    loaded = adaclip.load(path, backbone=tiny_backbone)
+    for name, tensor in adapter.model.adapter_state().items():
+        assert torch.equal(loaded.model.adapter_state()[name], tensor), name
+    assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
+    with pytest.raises(UsageError, match="tied to the 4 classes"):
+        loaded.model.set_classes(["a", "b"])
+
+
+def test_tip_adapter_searches_alpha_beta_on_validation(dataset, tiny_backbone):
+    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0.25)
+    head = adapter.model.head
+    alpha, beta = head.alpha.item(), head.beta.item()
+    assert any(abs(beta - b) < 1e-6 for b in grid(7.0, 200).tolist())
+    assert any(abs(alpha - a) < 1e-6 for a in grid(3.0, 20).tolist())
+    # the chosen pair is at least as good on the validation images as the paper's defaults
+    val = prepare_training_data(dataset, seed=0, val_split=0.25).val
+    assert len(val) == adapter.metadata.data.n_val > 0
+    encoded = encode_images(adapter.model, val, tiny_backbone.eval_transform())
+
+    def val_accuracy() -> float:
+        predictions = adapter.model.logits_from_features(encoded.features).argmax(-1)
+        return float((predictions == encoded.labels).float().mean())
+
+    searched = val_accuracy()
+    assert adapter.metadata.training.val_accuracy == pytest.approx(searched)
+    head.alpha.fill_(1.0)
+    head.beta.fill_(5.5)
+    assert searched >= val_accuracy()
+
+
+def test_tip_adapter_f_fine_tunes_the_keys(dataset, tiny_backbone, tmp_path):
+    config = make_method_config("tip-adapter", {"finetune": True})
+    assert config.train.epochs == 20 and make_method_config("tip-adapter").train.epochs == 0
+    adapter = adaclip.fit(
+        dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0, finetune=True, epochs=5
+    )
+    head = adapter.model.head
+    assert isinstance(head.cache_keys, nn.Parameter) and adapter.trainable_params == head.cache_keys.numel()
+    assert adapter.metadata.training.steps == 5
+    assert not torch.allclose(head.cache_keys.norm(dim=-1), torch.ones(len(head.cache_keys)))  # moved
+    loaded = adaclip.load(adapter.save(tmp_path / "tip-f.adaclip"), backbone=tiny_backbone)
+    assert isinstance(loaded.model.head.cache_keys, nn.Parameter)
+    pixels = _pixels(6, seed=5)
+    assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
+
+
+def test_tip_adapter_zero_alpha_is_zero_shot(dataset, tiny_backbone):
+    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, val_split=0, alpha=0.0, search=False)
+    zero_shot = AdaptedCLIP(tiny_backbone, make_method_config("zeroshot"), adapter.class_names, TEMPLATES)
+    pixels = _pixels(6, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.logits(pixels), zero_shot(pixels), rtol=0, atol=1e-6)
+
+
 def test_partial_train_overrides_keep_the_methods_recipe():
     """`--epochs 3` (or `--set train.lr=...`) changes that field only: the rest stays the method's recipe."""
     adaring = make_method_config("adaring", {"train": {"epochs": 3}}).train
@@ -402,3 +480,5 @@ def test_partial_train_overrides_keep_the_methods_recipe():
     assert (lora.epochs, lora.lr, lora.weight_decay, lora.min_crop_scale) == (3, 2e-4, 1e-2, 0.08)
     coop = make_method_config("coop", {"train": {"lr": 0.01}}).train
     assert (coop.optimizer, coop.lr, coop.epochs) == ("sgd", 0.01, 50)
+    tip_f = make_method_config("tip-adapter", {"finetune": True, "train": {"lr": 1e-4}}).train
+    assert (tip_f.epochs, tip_f.batch_size, tip_f.lr) == (20, 256, 1e-4)

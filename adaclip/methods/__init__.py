@@ -16,6 +16,7 @@ from .base import (
     BuildContext,
     Component,
     CosineHead,
+    FeatureSet,
     Head,
     HeadOutput,
     MethodConfig,
@@ -25,7 +26,7 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop")
+_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter")
 _loaded = False
 
 
@@ -64,6 +65,7 @@ __all__ = [
     "BuildContext",
     "Component",
     "CosineHead",
+    "FeatureSet",
     "Head",
     "HeadOutput",
     "MethodConfig",
