@@ -289,6 +289,9 @@ def test_lora_learns_keeps_the_backbone_and_round_trips(dataset, tiny_backbone, 
 
 
 def test_lora_bad_selections_are_usage_errors(tiny_backbone):
+    assert make_method_config("lora", {"projections": "[q,v,out]"}).projections == ["q", "v", "out"]  # --set form
+    with pytest.raises(UsageError, match="projections"):
+        make_method_config("lora", {"projections": ["q", "x"]})
     with pytest.raises(UsageError, match="lora image blocks: bad block"):
         AdaptedCLIP(tiny_backbone, make_method_config("lora", {"blocks": "x"}), CLASSES, TEMPLATES)
     with pytest.raises(UsageError, match="no attention projections found"):

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import UsageError
@@ -67,6 +67,14 @@ class LoRASettings(BaseModel):
         "sqrt_r", description="scale = alpha / sqrt(r) (CLIP-LoRA's code) or alpha / r (LoRA paper, PEFT)"
     )
     dropout: float = Field(0.25, ge=0, lt=1, description="dropout on the input of each low-rank branch")
+
+    @field_validator("projections", mode="before")
+    @classmethod
+    def _projection_list(cls, value: Any) -> Any:
+        """Also accept `q,v` or `[q,k,v,out]` (what `--set projections=...` gives without JSON quotes)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
+        return value
 
     @property
     def scale(self) -> float:
