@@ -12,6 +12,7 @@ import adaclip
 from adaclip.data import prepare_training_data
 from adaclip.errors import UsageError
 from adaclip.inference import encode_images
+from adaclip.inject import parse_block_selection
 from adaclip.methods import make_method_config
 from adaclip.methods.lora import LoRAUpdate, MultiheadAttentionWrapper, _Entry
 from adaclip.methods.tip_adapter import grid
@@ -195,8 +196,6 @@ def test_lora_parameter_count_is_r_times_din_plus_dout(tiny_backbone, settings):
     actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert model.n_trainable() == actual == sum(v.numel() for v in model.adapter_state().values())
     expected = 0
-    from adaclip.inject import parse_block_selection
-
     for tower, (width, n_blocks) in {"image": (64, 4), "text": (48, 3)}.items():
         if config.towers in ("both", tower):
             spec = (config.image_blocks if tower == "image" else config.text_blocks) or config.blocks
@@ -252,7 +251,8 @@ def test_lora_models_sharing_a_backbone_do_not_stack(tiny_backbone):
     second = AdaptedCLIP(tiny_backbone, make_method_config("lora"), CLASSES, TEMPLATES, seed=2)
     _randomize(first, seed=1)
     _randomize(second, seed=2)
-    first.eval(), second.eval()
+    first.eval()
+    second.eval()
     pixels = _pixels()
     with torch.no_grad():
         alone = first(pixels)
