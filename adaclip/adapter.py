@@ -453,6 +453,7 @@ def load(
         )
     metadata, tensors = read_adapter_file(path)
     model = AdaptedCLIP(backbone, config, metadata.class_names, metadata.templates, seed=metadata.seed)
+    model.adapt_to_state(tensors)
     expected = model.adapter_state()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -14,11 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,15 @@ def discover_blocks(tower: nn.Module, probe: Callable[[], Any]) -> list[Block]:
         dim = channel_dim_of(shape)
         blocks.append(Block(names[module], module, index, int(shape[dim]), dim))
     return blocks
+
+
+def tower_blocks(backbone: Backbone, tower: Literal["image", "text"]) -> list[Block]:
+    """The blocks of one of the backbone's towers, found by a probe pass (a zero image, or one prompt)."""
+    towers = backbone.towers
+    if tower == "image":
+        return discover_blocks(towers.image, lambda: backbone.model.encode_image(backbone.sample_image()))
+    tokens = backbone.tokenize(["a photo of a thing."])
+    return discover_blocks(towers.text, lambda: backbone.model.encode_text(tokens.to(backbone.device)))
 
 
 def parse_block_selection(spec: str, n_blocks: int) -> list[int]:

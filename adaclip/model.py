@@ -90,6 +90,12 @@ class AdaptedCLIP(nn.Module):
         """Exactly the tensors an adapter file stores."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
+    def adapt_to_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Let parts whose tensor shapes depend on the training data (a head's cache of training
+        features) take the shapes of a saved state before it is loaded."""
+        prefix = "head."
+        self.head.adapt_to_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
     def train(self, mode: bool = True) -> AdaptedCLIP:
         super().train(mode)
         self.backbone.model.eval()  # the backbone's normalisation statistics never move

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapter_file import TrainingRecord
@@ -27,8 +28,8 @@ from .checkpoint import TrainingPosition, load_checkpoint, restore_rng, save_che
 from .data import ImageDataset, LabelledImage, SkippedImage, TrainingData, make_loader
 from .distributed import SINGLE, DistContext, shard_of_batch
 from .errors import AdaclipError
-from .inference import encode_images, logits_in_batches, report_skipped
-from .methods import TrainConfig
+from .inference import EncodedImages, encode_images, logits_in_batches, report_skipped
+from .methods import FeatureSet, TrainConfig
 from .model import AdaptedCLIP
 from .ui import log, progress
 
@@ -164,10 +165,14 @@ def train(
     """Train the model's parts in place; return what happened (recorded in the adapter file)."""
     cfg = model.config.train
     start = time.perf_counter()
-    params = model.trainable_parameters()
     backbone = model.backbone
     validator = _Validator(model, data.val, workers, dist_ctx)
+    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
+    if model.head.uses_training_features:
+        model.head.fit_training_features(_training_features(model, data, cache, workers))
+    params = model.trainable_parameters()
     if not model.config.trainable or cfg.epochs == 0 or not params:
+        _calibrate(model, validator)
         record = TrainingRecord(
             epochs=0,
             steps=0,
@@ -175,7 +180,7 @@ def train(
             val_accuracy=validator.accuracy(),
             device=str(backbone.device),
             precision=backbone.precision,
-            skipped_images=len(validator.skipped),
+            skipped_images=len(validator.skipped) + (len(cache.skipped) if cache is not None else 0),
         )
         return TrainingOutcome(record, time.perf_counter() - start)
 
@@ -197,7 +202,6 @@ def train(
         resumed = True
         log.info(f"resuming from {checkpoint.path} at epoch {position.epoch + 1}, step {position.step_in_epoch}")
 
-    cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
     references = _reference_features(model, data.train, cfg, workers)
     step_module: nn.Module = _StepModule(model)
     if dist_ctx.enabled:
@@ -274,11 +278,14 @@ def train(
         skipped.update({s.path: s for s in cache.skipped})
     model.eval()
     history = position.history
+    final_val_accuracy = history[-1]["val_accuracy"] if history else None
+    if _calibrate(model, validator):
+        final_val_accuracy = validator.accuracy()  # after the head's settings were tuned on it
     record = TrainingRecord(
         epochs=cfg.epochs,
         steps=position.global_step,
         final_loss=history[-1]["loss"] if history else None,
-        val_accuracy=history[-1]["val_accuracy"] if history else None,
+        val_accuracy=final_val_accuracy,
         history=history,
         skipped_images=len(skipped) + len(validator.skipped),
         device=str(backbone.device),
@@ -327,6 +334,43 @@ def _save(policy: CheckpointPolicy, model, optimizer, scheduler, position, dist_
 
 def _use_cache(model: AdaptedCLIP, cfg: TrainConfig) -> bool:
     return model.image_tower_frozen and cfg.feature_cache != "off"
+
+
+def _training_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers) -> FeatureSet:
+    """Every readable training image's features, for heads built from them: the mean over the cached
+    views when the loop caches (augmented) features, else one un-augmented pass."""
+    if cache is not None:
+        mean = torch.stack([cache.view(index) for index in range(cache.views)]).mean(dim=0)
+        readable = torch.ones(len(data.train), dtype=torch.bool)
+        for item in cache.skipped:
+            readable[item.index] = False
+        labels = torch.tensor([im.label for im in data.train])[readable]
+        return FeatureSet(F.normalize(mean[readable.to(mean.device)], dim=-1), labels.to(mean.device))
+    encoded = encode_images(
+        model, data.train, model.backbone.eval_transform(), workers=workers, description="encoding training images"
+    )
+    return FeatureSet(encoded.features, encoded.labels.to(encoded.features.device))
+
+
+def _calibrate(model: AdaptedCLIP, validator: _Validator) -> bool:
+    """Let a head tune its settings on the validation features; True when it changed something.
+    Every rank calibrates on the whole validation set, so all ranks choose the same settings."""
+    if not model.head.uses_validation_features:
+        return False
+    encoded = validator.encoded_all()
+    if encoded is None or len(encoded.labels) == 0:
+        log.info("no validation images: the head keeps its configured settings")
+        return False
+    with torch.no_grad():
+        chosen = model.head.calibrate(
+            FeatureSet(encoded.features, encoded.labels.to(encoded.features.device)),
+            model.class_features(),
+            model.backbone.logit_scale,
+        )
+    if not chosen:
+        return False
+    log.info("tuned on the validation set: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
+    return True
 
 
 def _reference_features(model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
@@ -409,29 +453,41 @@ class _Validator:
 
     def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], workers, dist_ctx: DistContext):
         self.model = model
+        self.all_images = images
         self.images = images[dist_ctx.rank :: dist_ctx.world]
-        self.any_images = bool(images)
         self.workers = workers
         self.dist_ctx = dist_ctx
         self.skipped: list[SkippedImage] = []
-        self._frozen_features = None
+        self._frozen: dict[bool, EncodedImages] = {}
+
+    def _encode(self, everything: bool) -> EncodedImages:
+        model = self.model
+        if model.image_tower_frozen and everything in self._frozen:
+            return self._frozen[everything]
+        encoded = encode_images(
+            model,
+            self.all_images if everything else self.images,
+            model.backbone.eval_transform(),
+            workers=self.workers,
+            description="validating",
+        )
+        if not everything:
+            self.skipped = encoded.skipped
+        if model.image_tower_frozen:
+            self._frozen[everything] = encoded
+        return encoded
+
+    def encoded_all(self) -> EncodedImages | None:
+        """Features of the whole validation set through the current image tower."""
+        return self._encode(everything=True) if self.all_images else None
 
     def accuracy(self) -> float | None:
-        if not self.any_images:
+        if not self.all_images:
             return None
-        model = self.model
-        if model.image_tower_frozen and self._frozen_features is not None:
-            encoded = self._frozen_features
-        else:
-            encoded = encode_images(
-                model, self.images, model.backbone.eval_transform(), workers=self.workers, description="validating"
-            )
-            self.skipped = encoded.skipped
-            if model.image_tower_frozen:
-                self._frozen_features = encoded
+        encoded = self._encode(everything=False)
         counts = torch.zeros(2)
         if len(encoded.labels):
-            predictions = logits_in_batches(model, encoded.features).argmax(dim=-1).cpu()
+            predictions = logits_in_batches(self.model, encoded.features).argmax(dim=-1).cpu()
             counts += torch.tensor([float((predictions == encoded.labels.cpu()).sum()), float(len(predictions))])
         self.dist_ctx.all_reduce_sum(counts)
         return None if counts[1] == 0 else float(counts[0] / counts[1])

@@ -16,6 +16,7 @@ from .base import (
     BuildContext,
     Component,
     CosineHead,
+    FeatureSet,
     Head,
     HeadOutput,
     MethodConfig,
@@ -25,7 +26,7 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring")
+_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter")
 _loaded = False
 
 
@@ -61,11 +62,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def make_method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodConfig:
     """Validate `overrides` (nested dicts allowed, e.g. {"train": {"lr": 1e-3}}) against the method's config."""
     config_class = method_config_class(name)
-    # Overrides go on top of the method's own defaults: `{"train": {"lr": 1e-3}}` keeps the method's
-    # other training values instead of falling back to TrainConfig's generic ones.
-    document = deep_merge(config_class().model_dump(), overrides or {})
     try:
-        return config_class.model_validate(document)
+        return config_class.model_validate(overrides or {})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
@@ -77,6 +75,7 @@ __all__ = [
     "BuildContext",
     "Component",
     "CosineHead",
+    "FeatureSet",
     "Head",
     "HeadOutput",
     "MethodConfig",

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..inject import Block, ParallelBranchHook, discover_blocks, parse_block_selection
+from ..inject import Block, ParallelBranchHook, parse_block_selection, tower_blocks
 from ..tensor_ring import TensorRing, balanced_factors
 from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
 
@@ -172,7 +172,7 @@ class AdaRingAdapters(Component):
         for tower in ("image", "text"):
             if settings.towers not in ("both", tower):
                 continue
-            blocks = _tower_blocks(backbone, tower)
+            blocks = tower_blocks(backbone, tower)
             spec = (settings.image_blocks if tower == "image" else settings.text_blocks) or settings.blocks
             try:
                 selected = [blocks[i] for i in parse_block_selection(spec, len(blocks))]
@@ -291,11 +291,3 @@ class AdaRingAdapters(Component):
 
     def parameter_breakdown(self) -> dict[str, int]:
         return {f"{key}.{part}": n for key, group in self.groups.items() for part, n in group.breakdown().items()}
-
-
-def _tower_blocks(backbone: Backbone, tower: str) -> list[Block]:
-    towers = backbone.towers
-    if tower == "image":
-        return discover_blocks(towers.image, lambda: backbone.model.encode_image(backbone.sample_image()))
-    tokens = backbone.tokenize(["a photo of a thing."])
-    return discover_blocks(towers.text, lambda: backbone.model.encode_text(tokens.to(backbone.device)))

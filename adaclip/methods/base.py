@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -74,6 +74,21 @@ class MethodConfig(BaseModel):
     class_agnostic: ClassVar[bool] = True
 
     train: TrainConfig = TrainConfig()
+
+    @classmethod
+    def default_train(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The recipe this method trains with unless told otherwise (may depend on its other settings)."""
+        return cls.model_fields["train"].default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_train(cls, data: Any) -> Any:
+        """A partial `train` (`--epochs`, `--set train.lr=...`) changes only the fields it names; the
+        others keep this method's recipe rather than TrainConfig's generic defaults."""
+        if isinstance(data, dict) and not isinstance(data.get("train"), TrainConfig):
+            recipe = cls.default_train(data).model_dump()
+            data = {**data, "train": {**recipe, **(data.get("train") or {})}}
+        return data
 
     def build(self, ctx: BuildContext) -> Parts:
         raise NotImplementedError
@@ -156,8 +171,37 @@ class Component(nn.Module):
         return {name: p.numel() for name, p in self.named_parameters() if p.requires_grad}
 
 
+@dataclass
+class FeatureSet:
+    """Normalised image features of labelled images, as the training loop hands them to a head."""
+
+    features: torch.Tensor  # (N, D)
+    labels: torch.Tensor  # (N,) class indices
+
+
 class Head(nn.Module):
-    """Normalised image features (B, D) and class features (K, D) -> logits (B, K)."""
+    """Normalised image features (B, D) and class features (K, D) -> logits (B, K).
+
+    Heads built from data (a cache model of the training images' features, hyper-parameters searched on
+    validation features) set `uses_training_features` / `uses_validation_features`; the training loop
+    then calls `fit_training_features` before the first step (also when nothing is trained) and
+    `calibrate` after the last.
+    """
+
+    uses_training_features: ClassVar[bool] = False
+    uses_validation_features: ClassVar[bool] = False
+
+    def fit_training_features(self, train: FeatureSet) -> None:
+        """Build state from every training image's features (un-augmented, or the mean of the cached
+        augmented views). Called before the optimiser is made, so it may create parameters."""
+
+    def calibrate(self, val: FeatureSet, class_features: torch.Tensor, logit_scale: float) -> dict[str, float] | None:
+        """Tune settings on the validation features after training; return what was chosen (logged)."""
+        return None
+
+    def adapt_to_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Before a saved state is loaded: resize tensors whose shape depends on the training data
+        (e.g. one cache entry per training image). `state` holds this head's tensors, keys relative."""
 
     def forward(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
         raise NotImplementedError
