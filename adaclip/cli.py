@@ -386,10 +386,12 @@ def evaluate(
     from rich.table import Table
 
     from .adapter import load
+    from .adapter_file import read_adapter_header
     from .data import prepare_eval_data
 
     _check_format(fmt, ("table", "json"))
-    folder = prepare_eval_data(data, classes)  # bad data fails before the backbone is built
+    read_adapter_header(adapter_path)  # a missing or broken adapter, and bad data, fail before the backbone is built
+    folder = prepare_eval_data(data, classes)
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     started = time.perf_counter()
     report = adapter.evaluate(folder, batch_size=batch_size, workers=workers)
