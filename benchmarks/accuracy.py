@@ -1,0 +1,295 @@
+"""Accuracy of every method on a real dataset, side by side (`make bench-accuracy`).
+
+Data: Fashion-MNIST from the Debian package dataset-fashion-mnist (installed by the bench set-up, never
+committed), written once as PNG folders under ~/.cache/adaclip/bench/fashion-mnist so every run goes
+through adaclip's own image-folder path. Backbone: the offline `lite` by default.
+
+Protocols
+* few-shot: 1 / 4 / 16 shots per class sampled by adaclip (`--shots K --seed s`) from the 60,000
+  training images, 3 seeds, tested on the full 10,000-image test set; mean +- std over seeds.
+* base-to-new: train (16 shots) on the first 5 classes (t-shirt/top, trouser, pullover, dress, coat),
+  test on their test images among those 5 (base), on the other 5 classes' images among the other 5
+  (new: class names never trained on), and on all 10 among all 10; harmonic mean of base and new.
+  Methods tied to their training classes (linear-probe, tip-adapter) have no "new" score.
+* test-time adaptation (when `adaclip tta` is available): see benchmarks.tta.
+
+No validation split is used (`--val-split 0`): the test set is the only held-out data, and it is never
+used for choices. Methods whose image tower stays frozen are scored on test features encoded once;
+the others encode the test set through their adapted tower.
+
+    python -m benchmarks.accuracy                                  # the full suite
+    python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .common import DOCS, RESULTS, markdown_table, replace_section, run_header, write_json
+
+DEFAULT_METHODS = ["zeroshot", "linear-probe", "tip-adapter", "coop", "lora", "adaring", "rada", "adaring+rada"]
+CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
+FOLDERS = (
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
+BASE, NEW = FOLDERS[:5], FOLDERS[5:]
+
+
+def prepare_dataset(root: Path = CACHE) -> Path:
+    """Fashion-MNIST as root/{train,test}/<class>/<index>.png + classes.json (written once)."""
+    from PIL import Image
+
+    from tools.lite.fmnist import FMNIST_DIR, PROMPT_NAMES, load_split
+
+    done = root / ".complete"
+    if done.exists():
+        return root
+    if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        sys.exit(f"Fashion-MNIST not found in {FMNIST_DIR}: apt-get install dataset-fashion-mnist")
+    for split, folder in (("train", "train"), ("t10k", "test")):
+        images, labels = load_split(split)
+        for name in FOLDERS:
+            (root / folder / name).mkdir(parents=True, exist_ok=True)
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            Image.fromarray(image).save(root / folder / FOLDERS[label] / f"{index:05d}.png")
+    (root / "classes.json").write_text(json.dumps(dict(zip(FOLDERS, PROMPT_NAMES, strict=True)), indent=2))
+    for subset, names in (("base", BASE), ("new", NEW)):
+        for split in ("train", "test"):
+            for name in names:
+                link = root / f"{subset}_{split}" / name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(root / split / name, target_is_directory=True)
+        names_file = root / f"{subset}_classes.json"
+        names_file.write_text(json.dumps({n: dict(zip(FOLDERS, PROMPT_NAMES, strict=True))[n] for n in names}))
+    done.write_text("ok\n")
+    return root
+
+
+@dataclass
+class TestSet:
+    """A labelled test folder and, once computed, its frozen-tower features (shared by frozen methods)."""
+
+    folder: Path
+    classes_file: Path
+    frozen_features: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def score(adapter, test: TestSet, class_names: list[str] | None = None) -> float:
+    """Accuracy on `test`, scored among `class_names` (default: the test folder's classes)."""
+    from adaclip.data import prepare_eval_data
+    from adaclip.inference import encode_images, logits_in_batches
+
+    folder = prepare_eval_data(test.folder, test.classes_file)
+    names = class_names or folder.class_names
+    model = adapter.model
+    with adapter.classes(names):
+        if model.image_tower_frozen:
+            if test.frozen_features is None:
+                encoded = encode_images(model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
+                test.frozen_features, test.labels = encoded.features, encoded.labels
+            features, labels = test.frozen_features, test.labels
+        else:
+            encoded = encode_images(model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
+            features, labels = encoded.features, encoded.labels
+        predictions = logits_in_batches(model, features).argmax(dim=-1).cpu()
+    # the folder's labels index its own class list; map them to `names`
+    position = {n: i for i, n in enumerate(names)}
+    truth = torch.tensor([position[folder.class_names[int(y)]] for y in labels.cpu()])
+    return float((predictions == truth).float().mean())
+
+
+def few_shot(args, backbone, data: Path, methods: list[str]) -> list[dict]:
+    import adaclip
+
+    test = TestSet(data / "test", data / "classes.json")
+    records = []
+    for method in methods:
+        for shots in args.shots:
+            for seed in args.seeds:
+                started = time.perf_counter()
+                adapter = adaclip.fit(
+                    data / "train",
+                    method,
+                    backbone=backbone,
+                    shots=shots,
+                    seed=seed,
+                    val_split=0,
+                    classes=data / "classes.json",
+                    templates=args.templates,
+                )
+                fit_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                accuracy = score(adapter, test)
+                record = {
+                    "protocol": "few-shot",
+                    "method": method,
+                    "shots": shots,
+                    "seed": seed,
+                    "accuracy": accuracy,
+                    "trainable_params": adapter.trainable_params,
+                    "fit_seconds": round(fit_seconds, 1),
+                    "eval_seconds": round(time.perf_counter() - started, 1),
+                }
+                print(json.dumps(record), file=sys.stderr, flush=True)
+                records.append(record)
+    return records
+
+
+def base_to_new(args, backbone, data: Path, methods: list[str]) -> list[dict]:
+    import adaclip
+    from adaclip.methods import method_config_class
+
+    base = TestSet(data / "base_test", data / "base_classes.json")
+    new = TestSet(data / "new_test", data / "new_classes.json")
+    everything = TestSet(data / "test", data / "classes.json")
+    records = []
+    for method in methods:
+        for seed in args.seeds:
+            adapter = adaclip.fit(
+                data / "base_train",
+                method,
+                backbone=backbone,
+                shots=16,
+                seed=seed,
+                val_split=0,
+                classes=data / "base_classes.json",
+                templates=args.templates,
+            )
+            agnostic = method_config_class(method).class_agnostic
+            base_acc = score(adapter, base)
+            new_acc = score(adapter, new) if agnostic else None
+            all_acc = score(adapter, everything) if agnostic else None
+            hm = 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None
+            record = {
+                "protocol": "base-to-new",
+                "method": method,
+                "shots": 16,
+                "seed": seed,
+                "base": base_acc,
+                "new": new_acc,
+                "all": all_acc,
+                "hm": hm,
+            }
+            print(json.dumps(record), file=sys.stderr, flush=True)
+            records.append(record)
+    return records
+
+
+def summarize(records: list[dict], keys: list[str], group: list[str]) -> list[dict]:
+    """Mean +- std over seeds, per group."""
+    rows: dict[tuple, dict] = {}
+    for record in records:
+        row = rows.setdefault(tuple(record[g] for g in group), {g: record[g] for g in group} | {"runs": 0})
+        row["runs"] += 1
+        for key in keys:
+            row.setdefault(f"_{key}", []).append(record[key])
+    out = []
+    for row in rows.values():
+        for key in keys:
+            values = [v for v in row.pop(f"_{key}") if v is not None]
+            if values:
+                mean = 100 * statistics.fmean(values)
+                std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+                row[key] = f"{mean:.2f} +- {std:.2f}"
+            else:
+                row[key] = None
+        out.append(row)
+    return out
+
+
+def render(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        f"Measured {report['date']} on {machine['cpu']} ({machine['cpu_count']} cores"
+        + (f", GPU {machine['gpu']['name']}" if machine.get("gpu") else ", no GPU")
+        + f"), adaclip {report['git_commit'][:12]}, backbone `{report['settings']['backbone']}`, "
+        f"templates `{report['settings']['templates']}`.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    if report.get("few_shot"):
+        lines += [
+            "Few-shot on Fashion-MNIST (accuracy % on the 10,000 test images, mean +- std over seeds "
+            f"{report['settings']['seeds']}):",
+            "",
+            markdown_table(
+                summarize(report["few_shot"], ["accuracy"], ["method", "shots"]),
+                [("method", "method"), ("shots", "shots"), ("accuracy", "accuracy %"), ("runs", "runs")],
+            ),
+            "",
+        ]
+    if report.get("base_to_new"):
+        lines += [
+            "Base-to-new (16 shots on 5 base classes; new = the 5 other classes, never trained on):",
+            "",
+            markdown_table(
+                summarize(report["base_to_new"], ["base", "new", "all", "hm"], ["method"]),
+                [
+                    ("method", "method"),
+                    ("base", "base %"),
+                    ("new", "new %"),
+                    ("all", "all 10 %"),
+                    ("hm", "harmonic mean %"),
+                    ("runs", "runs"),
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="lite")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--templates", default="ensemble")
+    parser.add_argument("--protocols", nargs="+", default=["few-shot", "base-to-new"])
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import adaclip
+    from adaclip.methods import list_methods
+
+    known = set(list_methods())
+    methods = [m for m in args.methods if m in known]
+    data = prepare_dataset()
+    backbone = adaclip.create_backbone(args.backbone, None if args.backbone == "lite" else "openai")
+    report = {
+        **run_header(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "skipped_methods": sorted(set(args.methods) - known),
+    }
+    if "few-shot" in args.protocols:
+        report["few_shot"] = few_shot(args, backbone, data, methods)
+    if "base-to-new" in args.protocols:
+        report["base_to_new"] = base_to_new(args, backbone, data, methods)
+    output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
+    write_json(output, report)
+    replace_section(DOCS / "benchmarks.md", f"accuracy-{args.backbone}", render(report))
+    print(f"wrote {output} and docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
