@@ -26,7 +26,7 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter")
+_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter", "rada")
 _loaded = False
 
 
