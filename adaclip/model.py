@@ -73,6 +73,14 @@ class AdaptedCLIP(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def lr_scales(self) -> dict[int, float]:
+        """id(parameter) -> learning-rate multiplier, for parts whose `lr_scale` is not 1."""
+        scales: dict[int, float] = {}
+        for part in [*self.components, self.head]:
+            if part.lr_scale != 1.0:
+                scales.update({id(p): float(part.lr_scale) for p in part.parameters() if p.requires_grad})
+        return scales
+
     def parameter_breakdown(self) -> dict[str, int]:
         breakdown: dict[str, int] = {}
         for index, component in enumerate(self.components):

@@ -60,14 +60,18 @@ class TrainingOutcome:
 EpochCallback = Callable[[int, dict], None]
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: decaying gates, biases and norms towards 0 is rarely wanted."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+def make_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, lr_scales: dict[int, float] | None = None
+) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: decaying gates, biases and norms towards 0 is rarely wanted.
+    `lr_scales` (id(param) -> multiplier) gives a part its own learning rate (e.g. a head beside towers)."""
+    lr_scales = lr_scales or {}
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for p in params:
+        grouped.setdefault((lr_scales.get(id(p), 1.0), p.ndim >= 2), []).append(p)
     groups = [
-        group
-        for group in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if group["params"]
+        {"params": members, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (scale, decay), members in sorted(grouped.items(), key=lambda item: (item[0][0], not item[0][1]))
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -188,7 +192,7 @@ def train(
     n = len(data.train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg, model.lr_scales())
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
     position = TrainingPosition()
     resumed = False

@@ -26,7 +26,7 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter", "rada")
+_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter", "full_finetune", "rada")
 _loaded = False
 
 

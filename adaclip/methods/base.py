@@ -125,6 +125,7 @@ class Component(nn.Module):
         super().__init__()
         self.enabled = True  # False bypasses the component (used for frozen zero-shot references)
         self._binding: tuple[Backbone, object] | None = None
+        self.lr_scale = 1.0  # this part's learning rate = train.lr * lr_scale
 
     def bind(self, backbone: Backbone, owner_token: object) -> None:
         """Tie the component to the model that owns it. Several models may share one backbone; only the
@@ -190,6 +191,7 @@ class Head(nn.Module):
 
     uses_training_features: ClassVar[bool] = False
     uses_validation_features: ClassVar[bool] = False
+    lr_scale: float = 1.0  # this part's learning rate = train.lr * lr_scale (set per instance to change)
 
     def fit_training_features(self, train: FeatureSet) -> None:
         """Build state from every training image's features (un-augmented, or the mean of the cached

@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .full_finetune import FullFineTuneConfig
 
 # Score maps alive per image while a chunk runs forward and backward (two K x K score maps, their
 # softmaxes and gradients): the unit in which `memory_budget_mb` is spent.
@@ -223,3 +224,24 @@ class RAdaConfig(MethodConfig):
 
     def build(self, ctx: BuildContext) -> Parts:
         return Parts(head=build_mask_head(ctx, self.mask))
+
+
+@register_method
+class RAdaFTConfig(FullFineTuneConfig):
+    """RAda-FT (adaclip's reconstruction; no public code): both towers fine-tuned FLYP-style together with
+    the mask. The towers train at `train.lr`, the mask at `train.lr * mask_lr_scale`, because a mask
+    that starts at zero needs a learning rate about 100x that of pretrained towers."""
+
+    name: ClassVar[str] = "rada-ft"
+    summary: ClassVar[str] = "RAda-FT: mask + full fine-tuning of both towers, FLYP-style (our reconstruction)"
+
+    objective: Literal["ce", "contrastive"] = Field(
+        "contrastive", description="contrastive: FLYP-style (adds text -> image); ce: cross-entropy only"
+    )
+    mask: RationalMaskConfig = RationalMaskConfig()
+    mask_lr_scale: float = Field(100.0, gt=0, description="the mask's learning rate is train.lr times this")
+
+    def build(self, ctx: BuildContext) -> Parts:
+        head = build_mask_head(ctx, self.mask)
+        head.lr_scale = self.mask_lr_scale
+        return Parts(components=[self.make_component(ctx)], head=head)
