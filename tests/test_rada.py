@@ -217,3 +217,17 @@ def test_info_reports_the_mask_parameters():
     document = json.loads(result.stdout)
     assert document["trainable_params"] == 6336 and document["class_agnostic"] is True
     assert document["config"]["mask"]["softmax"] == "joint"
+
+
+def test_adaring_plus_rada_starts_at_zero_shot_and_counts_both(tiny_backbone, dataset):
+    paths = sorted((dataset / "test").rglob("*.png"))[:6]
+    pixels = torch.stack([tiny_backbone.eval_transform()(load_image(p)) for p in paths])
+    names = ["red circle", "green square", "blue stripes", "yellow cross"]
+    zero_shot = AdaptedCLIP(tiny_backbone, make_method_config("zeroshot"), names, ["{}"])
+    both = AdaptedCLIP(tiny_backbone, make_method_config("adaring+rada", {"blocks": "all"}), names, ["{}"])
+    adaring = AdaptedCLIP(tiny_backbone, make_method_config("adaring", {"blocks": "all"}), names, ["{}"])
+    with torch.no_grad():
+        assert (both(pixels) - zero_shot(pixels)).abs().max() <= 1e-5
+    breakdown = both.parameter_breakdown()
+    assert sum(v for k, v in breakdown.items() if k.startswith("head.")) == 6336
+    assert both.n_trainable() == adaring.n_trainable() + 6336

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .adaring import AdaRingConfig
 from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
 from .full_finetune import FullFineTuneConfig
 
@@ -245,3 +246,20 @@ class RAdaFTConfig(FullFineTuneConfig):
         head = build_mask_head(ctx, self.mask)
         head.lr_scale = self.mask_lr_scale
         return Parts(components=[self.make_component(ctx)], head=head)
+
+
+@register_method
+class AdaRingRAdaConfig(AdaRingConfig):
+    """AdaRing's adapters inside both encoders and RAda's mask on the rational matrix, trained together
+    (beyond both papers: RAda's best published row is RAda + an adapter). AdaRing's consistency loss
+    applies to the masked logits, pulling them towards zero-shot as RAda's regulariser does."""
+
+    name: ClassVar[str] = "adaring+rada"
+    summary: ClassVar[str] = "AdaRing adapters in both encoders + RAda's mask (class-agnostic)"
+
+    mask: RationalMaskConfig = RationalMaskConfig()
+
+    def build(self, ctx: BuildContext) -> Parts:
+        parts = super().build(ctx)
+        parts.head = build_mask_head(ctx, self.mask)
+        return parts
