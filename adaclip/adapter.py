@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
@@ -40,6 +40,9 @@ from .templates import resolve_templates
 from .training import CheckpointPolicy, EpochCallback, train
 from .ui import log
 
+if TYPE_CHECKING:
+    from .tta import TTAResult
+
 
 @dataclass
 class Prediction:
@@ -51,10 +54,13 @@ class Prediction:
     class_index: int | None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    true_label: str | None = None  # set when the caller knows the answer (e.g. `tta --labels`)
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {"path": self.path, "label": self.label, "score": self.score}
         record["top_k"] = [{"label": label, "score": score} for label, score in self.top_k]
+        if self.true_label is not None:
+            record["true_label"] = self.true_label
         if self.error:
             record["error"] = self.error
         return record
@@ -63,10 +69,18 @@ class Prediction:
 class Adapter:
     """A backbone with a method's trained parts, ready to predict, evaluate, adapt further, or save."""
 
-    def __init__(self, model: AdaptedCLIP, metadata: AdapterMetadata, *, fit_seconds: float | None = None):
+    def __init__(
+        self,
+        model: AdaptedCLIP,
+        metadata: AdapterMetadata,
+        *,
+        fit_seconds: float | None = None,
+        source_name: str | None = None,
+    ):
         self.model = model
         self.metadata = metadata
         self.fit_seconds = fit_seconds
+        self.source_name = source_name  # the file name it was loaded from, if any
         model.eval()
 
     # --- description ------------------------------------------------------------------------------
@@ -189,6 +203,37 @@ class Adapter:
             yield
         finally:
             self.model.set_classes(original)
+
+    # --- test-time adaptation ----------------------------------------------------------------------
+
+    def tta(
+        self,
+        folder: str | Path,
+        *,
+        mode: Literal["episodic", "online"] = "episodic",
+        steps: int = 1,
+        views: int = 64,
+        lr: float | None = None,
+        seed: int = 0,
+        labels: str | Path | dict[str, str] | None = None,
+        top_k: int = 5,
+        **settings: Any,
+    ) -> TTAResult:
+        """Label-free test-time adaptation of RAda's mask on the images under `folder` (recursive).
+
+        `mode="episodic"`: TPT protocol per image (`views` views, the most confident 10%, entropy of their
+        mean, `steps` steps, reset after each image). `mode="online"`: adapts batch by batch without reset,
+        guarded against collapse (see adaclip.tta). Adapters without a mask (zeroshot, full-ft) start from
+        a fresh identity mask. `labels` ("folders", a CSV of file,label, or a {path: label} dict) only score
+        the predictions. Returns predictions in folder order and `result.adapter`, a new Adapter with the
+        adapted mask (save it with `.save(path)`); this adapter is left unchanged. Other settings:
+        `confident_fraction`, `batch_size`, `min_crop_scale`, `diversity_weight`, `anchor_weight`, `mask`.
+        """
+        from .tta import run_tta
+
+        return run_tta(
+            self, folder, labels=labels, top_k=top_k, mode=mode, steps=steps, views=views, lr=lr, seed=seed, **settings
+        )
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -473,4 +518,4 @@ def load(
             raise AdapterFileError(f"tensor {name} is {tensor.dtype}, expected {expected[name].dtype}", path=path)
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    return Adapter(model, metadata)
+    return Adapter(model, metadata, source_name=path.name)

@@ -325,38 +325,52 @@ def predict(
         raise UsageError("--top-k must be at least 1")
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     class_names = _read_name_list(classes) if classes else None
-    if fmt == "table":  # narrow enough for a terminal: the runners-up share one column
-        columns = ["path", "label", "score"] + (["runners-up"] if top_k > 1 else [])
-    else:
-        columns = ["path", "label", "score"] + [c for i in range(2, top_k + 1) for c in (f"label_{i}", f"score_{i}")]
     counts = {"ok": 0, "skipped": 0}
-
-    def records():
-        for prediction in adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size):
-            if prediction.error:
-                counts["skipped"] += 1
-                if counts["skipped"] <= MAX_SKIP_WARNINGS:
-                    log.warning(f"skipped unreadable image {printable(prediction.path)}: {prediction.error}")
-                elif counts["skipped"] == MAX_SKIP_WARNINGS + 1:
-                    log.warning("more unreadable images: only their count is reported from here on")
-                continue
-            counts["ok"] += 1
-            if fmt in ("json", "jsonl"):
-                yield prediction.to_dict()
-            else:
-                flat = {"path": prediction.path, "label": prediction.label, "score": prediction.score}
-                for rank, (label, score) in enumerate(prediction.top_k[1:], start=2):
-                    flat[f"label_{rank}"], flat[f"score_{rank}"] = label, score
-                flat["runners-up"] = ", ".join(f"{label} {score:.3f}" for label, score in prediction.top_k[1:])
-                yield flat
-
+    predictions = adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size)
     with adapter.classes(class_names):
-        write_records(records(), fmt, columns, title=f"{adapter.method} predictions")
+        write_records(
+            prediction_records(predictions, fmt, counts),
+            fmt,
+            prediction_columns(fmt, top_k),
+            title=f"{adapter.method} predictions",
+        )
     log.info(
         f"predicted {counts['ok']} images" + (f", skipped {counts['skipped']} unreadable" if counts["skipped"] else "")
     )
     if counts["ok"] == 0:
         raise UsageError("no readable images among the inputs")
+
+
+def prediction_columns(fmt: str, top_k: int, *, true_label: bool = False) -> list[str]:
+    """Columns of prediction records (predict, tta): tables put the runners-up in one column."""
+    columns = ["path", "label", "score"]
+    if fmt == "table":  # narrow enough for a terminal
+        columns += ["runners-up"] if top_k > 1 else []
+    else:
+        columns += [c for i in range(2, top_k + 1) for c in (f"label_{i}", f"score_{i}")]
+    return columns + (["true_label"] if true_label else [])
+
+
+def prediction_records(predictions, fmt: str, counts: dict[str, int]):
+    """Prediction objects -> records for `write_records`; unreadable images are warned about and counted."""
+    for prediction in predictions:
+        if prediction.error:
+            counts["skipped"] += 1
+            if counts["skipped"] <= MAX_SKIP_WARNINGS:
+                log.warning(f"skipped unreadable image {printable(prediction.path)}: {prediction.error}")
+            elif counts["skipped"] == MAX_SKIP_WARNINGS + 1:
+                log.warning("more unreadable images: only their count is reported from here on")
+            continue
+        counts["ok"] += 1
+        if fmt in ("json", "jsonl"):
+            yield prediction.to_dict()
+        else:
+            flat = {"path": prediction.path, "label": prediction.label, "score": prediction.score}
+            for rank, (label, score) in enumerate(prediction.top_k[1:], start=2):
+                flat[f"label_{rank}"], flat[f"score_{rank}"] = label, score
+            flat["runners-up"] = ", ".join(f"{label} {score:.3f}" for label, score in prediction.top_k[1:])
+            flat["true_label"] = prediction.true_label
+            yield flat
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -433,6 +447,89 @@ def evaluate(
         for i, row in enumerate(report.confusion):
             confusion.add_row(f"{i} {names[i]}", *map(str, row))
         console.print(confusion)
+
+
+# ------------------------------------------------------------------------------------------ tta
+
+
+@command()
+def tta(
+    adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file (zeroshot, rada, ...)."),
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="Folder of unlabeled images (searched recursively)."),
+    mode: str = typer.Option(
+        "episodic", "--mode", help="episodic: adapt per image, then reset (TPT); online: adapt on the stream."
+    ),
+    steps: int = typer.Option(1, "--steps", help="Optimiser steps per image (episodic) or per batch (online)."),
+    views: int = typer.Option(64, "--views", help="Episodic: views per image, the original included."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 5e-3 episodic, 1e-3 online)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Online: images per adaptation step."),
+    seed: int = typer.Option(0, "--seed", help="Fixes the views and a fresh mask's initialisation."),
+    labels: bool = typer.Option(
+        False, "--labels", help="Score predictions against class sub-folder names (never used to adapt)."
+    ),
+    labels_csv: Path | None = typer.Option(
+        None, "--labels-csv", help="Score predictions against a CSV of file,label (paths relative to FOLDER)."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Other setting key=value, e.g. --set diversity_weight=2 --set mask.softmax=row."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the adapted adapter to this file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels to report per image."),
+    fmt: str = _format_option("table"),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
+    ),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """Label-free test-time adaptation of RAda's mask on a folder; prints predictions like `predict`.
+
+    Adapters without a mask (zeroshot, full-ft) start from a fresh mask at identity. Speed (images/s)
+    and, with --labels or --labels-csv, accuracy before and after adaptation go to stderr.
+
+    Examples:
+
+        adaclip tta pets.adaclip ./new_photos --format jsonl > labels.jsonl
+
+        adaclip tta zs.adaclip ./shifted --mode online --labels-csv shifted_labels.csv -o shifted.adaclip
+    """
+    from .adapter import load
+    from .tta import TestTimeAdaptation, list_tta_images, make_tta_settings, output_method, resolve_labels
+
+    _check_format(fmt)
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if labels and labels_csv:
+        raise UsageError("give --labels or --labels-csv, not both")
+    if output is not None:
+        if output.exists() and not force:
+            raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
+        if not output.parent.resolve().is_dir():
+            raise UsageError("output folder does not exist", path=output.parent)
+    tta_settings = make_tta_settings(
+        **parse_settings(settings), mode=mode, steps=steps, views=views, lr=lr, batch_size=batch_size, seed=seed
+    )
+    images = list_tta_images(folder)  # bad input fails before the backbone is built
+    adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    if output is not None:
+        output_method(adapter)  # refuse before adapting, not after
+    truth = resolve_labels(adapter, folder, images, "folders" if labels else labels_csv)
+    run = TestTimeAdaptation(adapter, tta_settings)
+    counts = {"ok": 0, "skipped": 0}
+    write_records(
+        prediction_records(run.run(images, truth, top_k=top_k), fmt, counts),
+        fmt,
+        prediction_columns(fmt, top_k, true_label=truth is not None),
+        title=f"tta ({tta_settings.mode}) predictions",
+    )
+    log.info(run.summary_line())
+    if counts["ok"] == 0:
+        raise UsageError("no readable images in the folder", path=folder)
+    if output is not None:
+        path = run.adapted_adapter(adapter_path.name).save(output, force=force)
+        log.info(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------ info

@@ -8,6 +8,7 @@ provides what training needs on top: the frozen zero-shot references and the los
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .errors import UsageError
-from .methods import BuildContext, HeadOutput, MethodConfig
+from .methods import BuildContext, Head, HeadOutput, MethodConfig
 
 
 class AdaptedCLIP(nn.Module):
@@ -80,6 +81,17 @@ class AdaptedCLIP(nn.Module):
             if part.lr_scale != 1.0:
                 scales.update({id(p): float(part.lr_scale) for p in part.parameters() if p.requires_grad})
         return scales
+
+    def with_head(self, head: Head, config: MethodConfig) -> AdaptedCLIP:
+        """A sibling model with another head and config that shares this model's backbone and components
+        (not copies: nothing is re-attached). Used to try a different head without changing this model."""
+        sibling = copy.copy(self)
+        sibling.__dict__["_modules"] = dict(self._modules)  # own module table; the components stay shared
+        # The components' hooks are removed when their owner is collected: keep the owner alive.
+        sibling.__dict__["_component_owner"] = self.__dict__.get("_component_owner", self)
+        sibling.config = config
+        sibling.head = head.to(self.backbone.device)
+        return sibling
 
     def parameter_breakdown(self) -> dict[str, int]:
         breakdown: dict[str, int] = {}
