@@ -226,7 +226,8 @@ class Adapter:
         guarded against collapse (see adaclip.tta). Adapters without a mask (zeroshot, full-ft) start from
         a fresh identity mask. `labels` ("folders", a CSV of file,label, or a {path: label} dict) only score
         the predictions. Returns predictions in folder order and `result.adapter`, a new Adapter with the
-        adapted mask (save it with `.save(path)`); this adapter is left unchanged. Other settings:
+        adapted mask (save it with `.save(path)`; None for methods no registered method combines with
+        the mask, e.g. lora); this adapter is left unchanged. Other settings:
         `confident_fraction`, `batch_size`, `min_crop_scale`, `diversity_weight`, `anchor_weight`, `mask`.
         """
         from .tta import run_tta

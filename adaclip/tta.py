@@ -121,7 +121,7 @@ class TTAResult:
     """What a TTA run produced: predictions in input order, the adapted adapter, and how it went."""
 
     predictions: list[Prediction]
-    adapter: Adapter
+    adapter: Adapter | None  # None when no registered method adds the mask to the source's (lora, coop)
     n_images: int
     skipped: int
     seconds: float
@@ -493,8 +493,12 @@ class TestTimeAdaptation:
         return adapter
 
     def result(self, predictions: list[Prediction], source_name: str | None = None) -> TTAResult:
-        adapted = self.adapted_adapter(source_name)
-        record = adapted.metadata.tta[-1]
+        try:
+            adapted = self.adapted_adapter(source_name)
+            record = adapted.metadata.tta[-1]
+        except UsageError as exc:  # e.g. lora + mask: predictions are fine, there is just no method to save as
+            log.info(f"no adapted adapter: {exc.one_line()}")
+            adapted, record = None, self.record(source_name)
         return TTAResult(
             predictions=predictions,
             adapter=adapted,

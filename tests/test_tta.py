@@ -154,6 +154,16 @@ def test_methods_without_class_features_are_refused(dataset, tiny_backbone, shif
         probe.tta(shifted[0])
 
 
+def test_methods_without_a_masked_variant_adapt_but_cannot_be_saved(dataset, tiny_backbone, shifted):
+    from adaclip.tta import output_method
+
+    lora = adaclip.fit(dataset, method="lora", backbone=tiny_backbone, epochs=0)
+    result = lora.tta(shifted[0], mode="online", batch_size=8)
+    assert result.n_images == 24 and result.adapter is None and result.record["source_method"] == "lora"
+    with pytest.raises(UsageError, match="no registered method adds RAda's mask to 'lora'"):
+        output_method(lora)
+
+
 def test_labels_from_folders_and_bad_labels(rada_adapter, dataset, tmp_path):
     result = rada_adapter.tta(dataset / "test", mode="online", batch_size=8, labels="folders")
     truth = [Path(p.path).parent.name.replace("_", " ") for p in result.predictions]
