@@ -210,7 +210,7 @@ class Adapter:
         self,
         folder: str | Path,
         *,
-        mode: Literal["episodic", "online"] = "episodic",
+        mode: Literal["episodic", "online", "tda"] = "episodic",
         steps: int = 1,
         views: int = 64,
         lr: float | None = None,
@@ -223,7 +223,9 @@ class Adapter:
 
         `mode="episodic"`: TPT protocol per image (`views` views, the most confident 10%, entropy of their
         mean, `steps` steps, reset after each image). `mode="online"`: adapts batch by batch without reset,
-        guarded against collapse (see adaclip.tta). Adapters without a mask (zeroshot, full-ft) start from
+        guarded against collapse (see adaclip.tta). `mode="tda"`: the training-free TDA baseline (caches of
+        test features over the stream; works on any adapter; `result.adapter` is None). Adapters without a
+        mask (zeroshot, full-ft) start from
         a fresh identity mask. `labels` ("folders", a CSV of file,label, or a {path: label} dict) only score
         the predictions. Returns predictions in folder order and `result.adapter`, a new Adapter with the
         adapted mask (save it with `.save(path)`; None for methods no registered method combines with

@@ -457,7 +457,9 @@ def tta(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file (zeroshot, rada, ...)."),
     folder: Path = typer.Argument(..., metavar="FOLDER", help="Folder of unlabeled images (searched recursively)."),
     mode: str = typer.Option(
-        "episodic", "--mode", help="episodic: adapt per image, then reset (TPT); online: adapt on the stream."
+        "episodic",
+        "--mode",
+        help="episodic: adapt per image, then reset (TPT); online: adapt on the stream; tda: training-free caches.",
     ),
     steps: int = typer.Option(1, "--steps", help="Optimiser steps per image (episodic) or per batch (online)."),
     views: int = typer.Option(64, "--views", help="Episodic: views per image, the original included."),
@@ -514,6 +516,8 @@ def tta(
     images = list_tta_images(folder)  # bad input fails before the backbone is built
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     if output is not None:
+        if tta_settings.mode == "tda":
+            raise UsageError("--mode tda keeps no adapter state to write", fix="drop -o")
         output_method(adapter)  # refuse before adapting, not after
     truth = resolve_labels(adapter, folder, images, "folders" if labels else labels_csv)
     run = TestTimeAdaptation(adapter, tta_settings)

@@ -27,6 +27,14 @@ Modes:
     (momentum `diversity_momentum`; high only when predictions spread over the classes), plus
     `anchor_weight` times KL(p_start || p), which keeps predictions near those of the starting mask.
     Each batch is predicted right after its update; results come out in folder order.
+  - tda (a baseline, training-free: Karmanov et al., "Efficient Test-Time Adaptation of Vision-Language
+    Models", CVPR 2024; our implementation): nothing is optimised. Over the stream (same seeded order as
+    online), a positive cache keeps, per predicted class, the `positive_capacity` lowest-entropy image
+    features, and a negative cache keeps features of moderately uncertain images (normalised entropy in
+    `negative_entropy`) with the classes they are confidently *not* (probability below `negative_mask`).
+    Logits = the adapter's own logits + a_pos * exp(-b_pos (1 - f.K_pos)) V_pos
+    - a_neg * exp(-b_neg (1 - f.K_neg)) V_neg. One view per image (TDA's ImageNet setting adds AugMix
+    views). The cache lives for the stream only: there is no adapted file to write. Works on any adapter.
 
 Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step at lr 5e-3). Online:
 lr 1e-3, one step per batch of 32, diversity and anchor weights 1. Neither learning rate was tuned on
@@ -72,12 +80,29 @@ DEFAULT_LR = {"episodic": 5e-3, "online": 1e-3}
 DEFAULT_CONFIDENT = {"episodic": 0.1, "online": 1.0}
 
 
+class TDASettings(BaseModel):
+    """TDA's caches; defaults are the paper's ImageNet settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positive_capacity: int = Field(3, ge=1, description="features kept per class in the positive cache")
+    positive_alpha: float = Field(2.0, ge=0)
+    positive_beta: float = Field(5.0, ge=0)
+    negative_capacity: int = Field(2, ge=0, description="features kept per class in the negative cache (0: off)")
+    negative_alpha: float = Field(0.117, ge=0)
+    negative_beta: float = Field(1.0, ge=0)
+    negative_entropy: tuple[float, float] = Field(
+        (0.2, 0.5), description="normalised-entropy band of images that enter the negative cache"
+    )
+    negative_mask: float = Field(0.03, ge=0, le=1, description="classes below this probability are 'not it'")
+
+
 class TTASettings(BaseModel):
     """How test-time adaptation runs; recorded in the adapted file's `tta` history."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["episodic", "online"] = "episodic"
+    mode: Literal["episodic", "online", "tda"] = "episodic"
     steps: int = Field(1, ge=1, description="optimiser steps per image (episodic) or per batch (online)")
     views: int = Field(64, ge=1, description="episodic: views per image, the original included (TPT: 64)")
     confident_fraction: float | None = Field(
@@ -96,6 +121,7 @@ class TTASettings(BaseModel):
     mask: RationalMaskConfig = Field(
         default_factory=RationalMaskConfig, description="settings of a fresh mask (adapters without one)"
     )
+    tda: TDASettings = Field(default_factory=lambda: TDASettings(), description="tda: the caches (TDA's defaults)")
 
     @property
     def effective_lr(self) -> float:
@@ -289,6 +315,61 @@ def online_loss(
     return loss, marginal.detach()
 
 
+class TDACache:
+    """TDA's positive and negative caches of test features (see the module docstring)."""
+
+    def __init__(self, n_classes: int, settings: TDASettings):
+        self.n_classes = n_classes
+        self.settings = settings
+        # per class: list of (normalised entropy, feature, value row)
+        self.positive: list[list[tuple[float, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_classes)]
+        self.negative: list[list[tuple[float, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_classes)]
+
+    @staticmethod
+    def _insert(slot: list, capacity: int, item: tuple) -> None:
+        if capacity <= 0:
+            return
+        if len(slot) < capacity:
+            slot.append(item)
+        elif item[0] < slot[-1][0]:
+            slot[-1] = item
+        else:
+            return
+        slot.sort(key=lambda entry: entry[0])
+
+    @staticmethod
+    def _logits(feature: torch.Tensor, slots: list[list], beta: float) -> torch.Tensor | None:
+        entries = [entry for slot in slots for entry in slot]
+        if not entries:
+            return None
+        keys = torch.stack([e[1] for e in entries])
+        values = torch.stack([e[2] for e in entries])
+        affinity = torch.exp(-beta * (1.0 - keys @ feature))
+        return affinity @ values
+
+    def observe_and_adjust(self, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Add one image to the caches, then return its cache-adjusted logits."""
+        s = self.settings
+        probs = logits.softmax(dim=-1)
+        normalised = float(-(probs * probs.clamp_min(1e-12).log()).sum() / math.log(max(2, self.n_classes)))
+        predicted = int(probs.argmax())
+        feature = feature.float()
+        one_hot = F.one_hot(torch.tensor(predicted), self.n_classes).float().to(feature.device)
+        self._insert(self.positive[predicted], s.positive_capacity, (normalised, feature, one_hot))
+        low, high = s.negative_entropy
+        if low < normalised < high:
+            not_it = (probs < s.negative_mask).float()
+            self._insert(self.negative[predicted], s.negative_capacity, (normalised, feature, not_it))
+        adjusted = logits.clone()
+        positive = self._logits(feature, self.positive, s.positive_beta)
+        if positive is not None:
+            adjusted += s.positive_alpha * positive
+        negative = self._logits(feature, self.negative, s.negative_beta)
+        if negative is not None:
+            adjusted -= s.negative_alpha * negative
+        return adjusted
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -299,9 +380,20 @@ class TestTimeAdaptation:
     __test__ = False  # not a pytest class
 
     def __init__(self, adapter: Adapter, settings: TTASettings):
-        check_adaptable(adapter)
         self.source = adapter
         self.settings = settings
+        self.n_images = 0
+        self.skipped = 0
+        self.seconds = 0.0
+        self.correct = 0
+        self.correct_before = 0
+        self.labelled = 0
+        if settings.mode == "tda":  # training-free: the adapter as it is, plus caches
+            self.start = "none"
+            self.model = adapter.model
+            self.model.eval()
+            return
+        check_adaptable(adapter)
         head = adapter.model.head
         if isinstance(head, RationalMaskHead):
             self.start = "adapter"
@@ -320,12 +412,6 @@ class TestTimeAdaptation:
         self._start_state = {k: v.detach().clone() for k, v in start_head.state_dict().items()}
         self._frozen_start = copy.deepcopy(start_head).requires_grad_(False) if settings.mode == "online" else None
         self.optimizer = self._new_optimizer()
-        self.n_images = 0
-        self.skipped = 0
-        self.seconds = 0.0
-        self.correct = 0
-        self.correct_before = 0
-        self.labelled = 0
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.head.parameters(), lr=self.settings.effective_lr, weight_decay=0.0)
@@ -339,7 +425,7 @@ class TestTimeAdaptation:
     def run(self, images: list[Path], truth: list[int | None] | None = None, *, top_k: int = 5) -> Iterator[Prediction]:
         """Adapt on `images` and yield one Prediction per image (unreadable ones with `error`)."""
         started = time.perf_counter()
-        steps = self._episodic(images) if self.settings.mode == "episodic" else self._online(images)
+        steps = {"episodic": self._episodic, "online": self._online, "tda": self._tda}[self.settings.mode](images)
         try:
             with progress(f"tta ({self.settings.mode})", total=len(images)) as advance:
                 for index, path, probs, before in steps:
@@ -401,15 +487,14 @@ class TestTimeAdaptation:
             self._reset()
             yield index, path, probs, before
 
-    def _online(self, images: list[Path]):
-        backbone = self.model.backbone
-        scale = backbone.logit_scale
-        class_features = self._class_features()
+    def _stream(self, images: list[Path], predict_batch):
+        """Feed the images in a seeded random order (a folder sorted by class would otherwise arrive
+        one class at a time), batch by batch, to `predict_batch(features) -> (probs, before)`; yield the
+        results back in folder order as soon as all earlier ones are done."""
         order = list(range(len(images)))
         if self.settings.shuffle:
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
-        dataset = StreamingImageDataset([images[i] for i in order], backbone.eval_transform())
-        running = None
+        dataset = StreamingImageDataset([images[i] for i in order], self.model.backbone.eval_transform())
         pending: dict[int, tuple] = {}
         next_index = 0
         for batch in make_loader(dataset, batch_size=self.settings.batch_size, workers=0):
@@ -417,50 +502,74 @@ class TestTimeAdaptation:
             if len(batch.labels):
                 with torch.no_grad():
                     features = self.model.image_features(batch.pixels)
-                    start_logits = self._frozen_start(features, class_features, scale).logits
-                for _ in range(self.settings.steps):
-                    logits = self.head(features, class_features, scale).logits
-                    loss, marginal = online_loss(logits, start_logits, self.settings, running)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                running = marginal
-                with torch.no_grad():
-                    probs = self.head(features, class_features, scale).logits.float().softmax(dim=-1).cpu()
-                before = start_logits.argmax(dim=-1).tolist()
+                probs, before = predict_batch(features)
                 results += [
                     (index, Path(path), probs[row], before[row])
                     for row, (index, path) in enumerate(zip(batch.indices.tolist(), batch.paths, strict=True))
                 ]
-            # back to folder order: emit every result whose predecessors are all done
             for position, path, probs, before in results:
                 pending[order[position]] = (order[position], path, probs, before)
             while next_index in pending:
                 yield pending.pop(next_index)
                 next_index += 1
 
+    def _online(self, images: list[Path]):
+        scale = self.model.backbone.logit_scale
+        class_features = self._class_features()
+        running = None
+
+        def adapt_and_predict(features: torch.Tensor):
+            nonlocal running
+            with torch.no_grad():
+                start_logits = self._frozen_start(features, class_features, scale).logits
+            for _ in range(self.settings.steps):
+                logits = self.head(features, class_features, scale).logits
+                loss, marginal = online_loss(logits, start_logits, self.settings, running)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            running = marginal
+            with torch.no_grad():
+                probs = self.head(features, class_features, scale).logits.float().softmax(dim=-1).cpu()
+            return probs, start_logits.argmax(dim=-1).tolist()
+
+        yield from self._stream(images, adapt_and_predict)
+
+    def _tda(self, images: list[Path]):
+        cache = TDACache(len(self.model.class_names), self.settings.tda)
+
+        def predict(features: torch.Tensor):
+            with torch.no_grad():
+                logits = self.model.logits_from_features(features).float()
+            adjusted = torch.stack([cache.observe_and_adjust(f, row) for f, row in zip(features, logits, strict=True)])
+            return adjusted.softmax(dim=-1).cpu(), logits.argmax(dim=-1).tolist()
+
+        yield from self._stream(images, predict)
+
     # --- results ----------------------------------------------------------------------------------
 
     def record(self, source_name: str | None = None) -> dict[str, Any]:
         """The entry appended to the adapted file's `tta` history."""
         s = self.settings
-        entry: dict[str, Any] = {
-            "mode": s.mode,
-            "steps": s.steps,
-            "lr": s.effective_lr,
-            "confident_fraction": s.effective_confident_fraction,
-            "seed": s.seed,
-            "n_images": self.n_images,
-            "skipped_images": self.skipped,
-            "started_from": self.start,
-            "source": source_name or self.source.source_name,
-            "source_method": self.source.method,
-            "created_at": created_at_now(),
-        }
+        entry: dict[str, Any] = {"mode": s.mode, "seed": s.seed}
+        if s.mode != "tda":
+            entry.update(steps=s.steps, lr=s.effective_lr, confident_fraction=s.effective_confident_fraction)
+        entry.update(
+            {
+                "n_images": self.n_images,
+                "skipped_images": self.skipped,
+                "started_from": self.start,
+                "source": source_name or self.source.source_name,
+                "source_method": self.source.method,
+                "created_at": created_at_now(),
+            }
+        )
         if s.mode == "episodic":
             entry.update(views=s.views, min_crop_scale=s.min_crop_scale)
-        else:
+        elif s.mode == "online":
             entry.update(batch_size=s.batch_size, diversity_weight=s.diversity_weight, anchor_weight=s.anchor_weight)
+        else:
+            entry.update(batch_size=s.batch_size, tda=s.tda.model_dump(mode="json"))
         if self.labelled:
             entry.update(
                 labelled=self.labelled,
@@ -474,6 +583,8 @@ class TestTimeAdaptation:
         It shares the backbone and components with the source adapter, which is left unchanged."""
         from .adapter import Adapter
 
+        if self.settings.mode == "tda":
+            raise UsageError("tda keeps its caches for the stream only: there is no adapted adapter to write")
         method = output_method(self.source)
         if self.start == "adapter":
             config = self.model.config

@@ -251,3 +251,46 @@ def test_unreadable_images_are_reported_in_place(rada_adapter, shifted, tmp_path
     broken = [p for p in result.predictions if p.error]
     assert [Path(p.path).name for p in broken] == ["shifted_005b.png"]
     assert result.n_images == 24 and result.skipped == 1 and result.record["skipped_images"] == 1
+
+
+# ------------------------------------------------------------------------------------------ tda baseline
+
+
+def test_tda_cache_rules():
+    from adaclip.tta import TDACache, TDASettings
+
+    cache = TDACache(3, TDASettings(positive_capacity=2, negative_capacity=1))
+    features = torch.nn.functional.normalize(torch.eye(3, 4), dim=-1)
+    confident = torch.tensor([10.0, 0.0, 0.0])  # entropy ~0: class 0
+    unsure = torch.tensor([2.0, 0.2, -4.0])  # normalised entropy 0.39: enters the negative cache (not class 2)
+    first = cache.observe_and_adjust(features[0], confident)
+    assert first[0] - confident[0] == pytest.approx(2.0)  # its own entry: affinity exp(0) = 1, alpha 2
+    cache.observe_and_adjust(features[1], confident)
+    cache.observe_and_adjust(features[2], confident + 0.1)  # slightly more confident than the others
+    assert len(cache.positive[0]) == 2  # capacity kept; the least confident entry was replaced
+    assert all(entry[0] <= cache.positive[0][-1][0] for entry in cache.positive[0])
+    cache.observe_and_adjust(features[1], unsure)
+    assert len(cache.negative[0]) == 1 and cache.negative[0][0][2].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_tda_mode_runs_on_any_adapter_and_writes_nothing(rada_adapter, dataset, tiny_backbone, shifted, tmp_path):
+    folder, labels = shifted
+    result = rada_adapter.tta(folder, mode="tda", labels=labels, batch_size=8)
+    assert result.adapter is None and result.labelled == 24
+    assert len({p.label for p in result.predictions}) >= 3
+    # measured on these 24 shifted images: 0.875 without tda, 0.792 with it (chance 0.25); TDA's
+    # ImageNet-tuned caches are not expected to help on a random-weight toy, only not to break it
+    assert result.accuracy >= result.accuracy_before - 0.15 and result.accuracy >= 0.6
+    again = rada_adapter.tta(folder, mode="tda", labels=labels, batch_size=8)
+    assert [p.top_k for p in again.predictions] == [p.top_k for p in result.predictions]  # deterministic
+    probe = adaclip.fit(dataset, method="linear-probe", backbone=tiny_backbone, epochs=2, lr=1e-2)
+    assert probe.tta(folder, mode="tda", batch_size=8).n_images == 24  # no mask needed
+    out = tmp_path / "never.adaclip"
+    run = runner.invoke(
+        app, ["tta", str(rada_file_path(rada_adapter, tmp_path)), str(folder), "--mode", "tda", "-o", str(out)]
+    )
+    assert run.exit_code == 2 and "keeps no adapter state" in run.stderr and not out.exists()
+
+
+def rada_file_path(adapter, tmp_path) -> Path:
+    return adapter.save(tmp_path / "rada_for_tda.adaclip", force=True)
