@@ -216,14 +216,20 @@ def read_image_folder(root: str | Path, classes_file: str | Path | None = None) 
 
 
 def find_splits(root: str | Path) -> dict[str, Path]:
-    """{split: path} when every visible sub-folder of `root` is one of train/val/test, else {}."""
+    """{split: path} for the sub-folders train/, val/, test/ of `root` that hold class sub-folders.
+
+    A split holds folders; a class folder holds images. So `root/train/cat/x.jpg` is a split while
+    `root/train/x.jpg` is a class called "train". Other sub-folders next to the splits (e.g. an
+    unlabeled `shifted/` for tta) are not part of any split.
+    """
     root = Path(root)
     if not root.is_dir():
         return {}
-    subdirs = _visible_subdirs(root)
-    if subdirs and all(d.name in SPLIT_NAMES for d in subdirs):
-        return {d.name: d for d in subdirs}
-    return {}
+    splits = {}
+    for sub in _visible_subdirs(root):
+        if sub.name in SPLIT_NAMES and _visible_subdirs(sub):
+            splits[sub.name] = sub
+    return splits
 
 
 def _check_same_classes(reference: ImageFolder, other: ImageFolder) -> None:
@@ -312,6 +318,9 @@ def prepare_training_data(
     if splits:
         if "train" not in splits:
             raise InputError("split folders found but no train/", path=root, fix="add root/train/<class>/<image>")
+        others = [d.name for d in _visible_subdirs(root) if d.name not in splits]
+        if others:
+            notes.append(f"not a split, not used for training: {', '.join(others[:5])}")
         train_folder = read_image_folder(splits["train"], classes_file)
     else:
         train_folder = read_image_folder(root, classes_file)

@@ -101,6 +101,11 @@ def test_splits_detected_only_when_all_subfolders_are_splits(tmp_path):
     simple_folder(tmp_path / "c", {"train": 2, "cat": 2})  # a class literally called train
     assert find_splits(tmp_path / "c") == {}
     assert prepare_eval_data(tmp_path / "s").root.name == "test"
+    # an extra folder beside the splits (unlabeled images for tta) does not hide them
+    simple_folder(tmp_path / "s", {"shifted": 2})
+    assert set(find_splits(tmp_path / "s")) == {"train", "test"}
+    data = prepare_training_data(tmp_path / "s")
+    assert data.root.name == "train" and any("shifted" in note for note in data.notes)
 
 
 def test_few_shot_sampling_is_reproducible_and_seed_dependent(tmp_path):
