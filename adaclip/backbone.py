@@ -355,17 +355,25 @@ def _register_extra_model_configs() -> None:
 
 
 def _create_lite(pretrained: str | None, device: torch.device, precision: str) -> Backbone:
-    if pretrained not in (None, "none", DEFAULT_PRETRAINED, LITE_NAME, "default"):
-        raise UsageError(f"--pretrained {pretrained!r} does not apply to the lite backbone", fix="omit --pretrained")
+    """The embedded backbone. Its only "pretrained" value is the version of the shipped heads (an adapter
+    file records it); other values are refused rather than silently ignored."""
     try:
         from .lite import LITE_INFO, build_lite_model
     except ImportError as exc:
         raise BackboneUnavailableError(str(exc), fix="pip install 'adaclip[lite]'") from None
+    version = str(LITE_INFO["version"])
+    if pretrained not in (None, "none", "default", LITE_NAME, version):
+        if str(pretrained).startswith("lite-"):
+            raise BackboneUnavailableError(
+                f"this adaclip ships lite heads {version!r}, not {pretrained!r}",
+                fix="use the adaclip version that wrote the adapter, or refit it",
+            )
+        raise UsageError(f"--pretrained {pretrained!r} does not apply to the lite backbone", fix="omit --pretrained")
     model, tokenizer, cfg = build_lite_model(device=device)
     preprocess = PreprocessConfig(**cfg)
     identity = BackboneIdentity(
         name=LITE_NAME,
-        pretrained=str(LITE_INFO["version"]),
+        pretrained=version,
         embed_dim=int(LITE_INFO["embed_dim"]),
         image_size=preprocess.size,
     )

@@ -234,7 +234,7 @@ def fit(
         data,
         method,
         backbone=backbone or "ViT-B-16",
-        pretrained=pretrained if pretrained is not None else ("none" if backbone == "lite" else "openai"),
+        pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
         shots=shots,
         epochs=epochs,
         batch_size=batch_size,

@@ -39,7 +39,7 @@ __all__ = ["LITE_INFO", "HEADS_PATH", "build_lite_model", "load_image_trunk_stat
 HEADS_PATH = Path(__file__).with_name("heads.safetensors")
 # sha256 of the heads file this version was released with; a re-trained file still loads (its shapes
 # are checked) but warns, because numbers measured with the released heads no longer apply.
-HEADS_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+HEADS_SHA256 = "70e87fc32be4c238b058a235dc38305ef0a31e7d7d5b43c64b0b43d5b14acd0c"
 
 TIMM_MODEL_NAME = "tf_efficientnet_lite0"
 CONTEXT_LENGTH = 64  # MiniLM was trained on <=128 word pieces; captions and prompts are far shorter
@@ -288,6 +288,7 @@ def build_lite_model(
     heads_path: another heads file (e.g. a freshly trained one); its sha256 is not compared against
     the released one. Raises ImportError (with the pip command) when the tower packages are missing.
     """
+    _tower_files()  # ImportError with the pip command first: a missing extra is the likelier problem
     path = Path(heads_path) if heads_path is not None else HEADS_PATH
     if not path.is_file():
         raise FileNotFoundError(f"lite heads file not found: {path} (make lite-weights rebuilds it)")
@@ -299,6 +300,9 @@ def build_lite_model(
         )
     model = build_towers(**head_config(metadata))
     load_heads(model, tensors)
+    # channels_last roughly doubles EfficientNet's CPU throughput (47 vs 25 images/s on 2 cores);
+    # inputs may stay in the default layout.
+    model.visual.trunk.to(memory_format=torch.channels_last)
     model.to(device).eval()
     return model, build_tokenizer(), dict(PREPROCESS_CFG)
 
