@@ -11,7 +11,6 @@ adapter.evaluate("images/test")
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from .adapter_file import (
     write_adapter_file,
 )
 from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
-from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data
+from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data, read_name_list
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError
 from .inference import encode_images, logits_in_batches, stream_predictions
@@ -421,7 +420,7 @@ def zero_shot_adapter(
 ) -> Adapter:
     """A zero-shot adapter for a list of class names (or a class file): nothing trained, a valid file."""
     if isinstance(class_names, (str, Path)):
-        class_names = _read_name_list(Path(class_names))
+        class_names = read_name_list(Path(class_names))
     if len(class_names) < 2:
         raise InputError("zero-shot classification needs at least 2 class names")
     backbone_obj = (
@@ -444,23 +443,6 @@ def zero_shot_adapter(
         trainable_params=0,
     )
     return Adapter(model, metadata)
-
-
-def _read_name_list(path: Path) -> list[str]:
-    """Class names from a file: one per line, or a JSON list."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read class file ({getattr(exc, 'strerror', None) or exc})", path=path) from None
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"class file is not valid JSON ({exc.msg})", path=path) from None
-        if not isinstance(names, list):
-            raise InputError("class file JSON must be a list of names", path=path)
-        return [str(n) for n in names]
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def load(

@@ -150,11 +150,16 @@ def write_adapter_file(
     )
     text = _metadata_json(metadata)
     header = {"adaclip": text, "adaclip_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return atomic_write(path, serialize_safetensors(cpu, header))
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, sync, then rename over `path`: readers see the old
+    file or the new one, never a partial one, and an interrupted write leaves nothing behind."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        with open(tmp_name, "wb") as handle:
-            handle.write(serialize_safetensors(cpu, header))
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -362,7 +362,7 @@ def _create_lite(pretrained: str | None, device: torch.device, precision: str) -
     except ImportError as exc:
         raise BackboneUnavailableError(str(exc), fix="pip install 'adaclip[lite]'") from None
     version = str(LITE_INFO["version"])
-    if pretrained not in (None, "none", "default", LITE_NAME, version):
+    if pretrained not in (None, "none", "default", DEFAULT_PRETRAINED, LITE_NAME, version):
         if str(pretrained).startswith("lite-"):
             raise BackboneUnavailableError(
                 f"this adaclip ships lite heads {version!r}, not {pretrained!r}",

@@ -12,15 +12,13 @@ position is all the loop needs to pick up exactly where it stopped, on any numbe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapter_file import _read_raw_header, serialize_safetensors
+from .adapter_file import _read_raw_header, atomic_write, serialize_safetensors
 from .errors import AdapterFileError, UsageError
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -98,17 +96,7 @@ def save_checkpoint(
         "rng": _flatten(rng, "rng", tensors),
     }
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(serialize_safetensors(tensors, {"adaclip_checkpoint": text}))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, serialize_safetensors(tensors, {"adaclip_checkpoint": text}))
 
 
 @dataclass

@@ -107,6 +107,9 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu,
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Where pretrained weights are cached / looked up.")
 BatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass.")
+AdapterWeightsOpt = typer.Option(
+    None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
+)
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -302,9 +305,7 @@ def predict(
         "--classes",
         help="Score these class names instead (one per line or JSON list; class-agnostic methods).",
     ),
-    pretrained: str | None = typer.Option(
-        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
-    ),
+    pretrained: str | None = AdapterWeightsOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -317,14 +318,14 @@ def predict(
 
         find /data -name '*.jpg' | adaclip predict pets.adaclip - --format jsonl > labels.jsonl
     """
-    from .adapter import _read_name_list, load
-    from .data import iter_input_paths
+    from .adapter import load
+    from .data import iter_input_paths, read_name_list
 
     _check_format(fmt)
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
-    class_names = _read_name_list(classes) if classes else None
+    class_names = read_name_list(classes) if classes else None
     counts = {"ok": 0, "skipped": 0}
     predictions = adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size)
     with adapter.classes(class_names):
@@ -384,9 +385,7 @@ def evaluate(
     fmt: str = _format_option("table", ("table", "json")),
     batch_size: int = BatchOpt,
     workers: int | None = typer.Option(None, "--workers", help="Image decoding processes."),
-    pretrained: str | None = typer.Option(
-        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
-    ),
+    pretrained: str | None = AdapterWeightsOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -479,9 +478,7 @@ def tta(
     force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels to report per image."),
     fmt: str = _format_option("table"),
-    pretrained: str | None = typer.Option(
-        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
-    ),
+    pretrained: str | None = AdapterWeightsOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -607,9 +604,7 @@ def export(
     merged: bool = typer.Option(
         False, "--merged", help="Store per-layer matrices (AdaRing): predict skips reconstruction."
     ),
-    pretrained: str | None = typer.Option(
-        None, "--pretrained", "-p", help="Where the adapter's backbone weights are, if not the recorded tag."
-    ),
+    pretrained: str | None = AdapterWeightsOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
     fmt: str = _format_option("table", ("table", "json")),
 ) -> None:

@@ -185,6 +185,23 @@ def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
     return names
 
 
+def read_name_list(path: Path) -> list[str]:
+    """Class names from a file: one per line, or a JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read class file ({getattr(exc, 'strerror', None) or exc})", path=path) from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"class file is not valid JSON ({exc.msg})", path=path) from None
+        if not isinstance(names, list):
+            raise InputError("class file JSON must be a list of names", path=path)
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_image_folder(root: str | Path, classes_file: str | Path | None = None) -> ImageFolder:
     """Index `root/<class>/<image>` without opening any image."""
     root = Path(root)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -105,6 +106,31 @@ def tower_blocks(backbone: Backbone, tower: Literal["image", "text"]) -> list[Bl
         return discover_blocks(towers.image, lambda: backbone.model.encode_image(backbone.sample_image()))
     tokens = backbone.tokenize(["a photo of a thing."])
     return discover_blocks(towers.text, lambda: backbone.model.encode_text(tokens.to(backbone.device)))
+
+
+class BlockSelection(BaseModel):
+    """Which towers and blocks a block-injecting method adapts; methods inherit these settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    towers: Literal["both", "image", "text"] = Field("both", description="which encoders get adapted")
+    blocks: str = Field("all", description="1-based blocks of each tower: all, lastN, 5-12, or a list like 1,3,9-12")
+    image_blocks: str | None = Field(None, description="overrides `blocks` for the image tower")
+    text_blocks: str | None = Field(None, description="overrides `blocks` for the text tower")
+
+    def selected_towers(self) -> list[Literal["image", "text"]]:
+        return [t for t in ("image", "text") if self.towers in ("both", t)]
+
+    def selected_blocks(self, backbone: Backbone, tower: Literal["image", "text"], method: str) -> list[Block]:
+        """The tower's blocks this selection names, in execution order (UsageError for a bad spec)."""
+        from .errors import UsageError
+
+        blocks = tower_blocks(backbone, tower)
+        spec = (self.image_blocks if tower == "image" else self.text_blocks) or self.blocks
+        try:
+            return [blocks[i] for i in parse_block_selection(spec, len(blocks))]
+        except ValueError as exc:
+            raise UsageError(f"{method} {tower} blocks: {exc}") from None
 
 
 def parse_block_selection(spec: str, n_blocks: int) -> list[int]:

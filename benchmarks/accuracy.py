@@ -34,22 +34,12 @@ from pathlib import Path
 
 import torch
 
-from .common import DOCS, RESULTS, markdown_table, replace_section, run_header, write_json
+from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
 DEFAULT_METHODS = ["zeroshot", "linear-probe", "tip-adapter", "coop", "lora", "adaring", "rada", "adaring+rada"]
 CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
-FOLDERS = (
-    "tshirt_top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle_boot",
-)
+# Class folders in Fashion-MNIST label order, named as in sample_data (one source for both).
+FOLDERS = tuple(json.loads((ROOT / "sample_data" / "classes.json").read_text()))
 BASE, NEW = FOLDERS[:5], FOLDERS[5:]
 
 
@@ -57,7 +47,7 @@ def prepare_dataset(root: Path = CACHE) -> Path:
     """Fashion-MNIST as root/{train,test}/<class>/<index>.png + classes.json (written once)."""
     from PIL import Image
 
-    from tools.lite.fmnist import FMNIST_DIR, PROMPT_NAMES, load_split
+    from tools.lite.fmnist import FMNIST_DIR, load_split
 
     done = root / ".complete"
     if done.exists():
@@ -70,16 +60,17 @@ def prepare_dataset(root: Path = CACHE) -> Path:
             (root / folder / name).mkdir(parents=True, exist_ok=True)
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             Image.fromarray(image).save(root / folder / FOLDERS[label] / f"{index:05d}.png")
-    (root / "classes.json").write_text(json.dumps(dict(zip(FOLDERS, PROMPT_NAMES, strict=True)), indent=2))
-    for subset, names in (("base", BASE), ("new", NEW)):
+    names = json.loads((ROOT / "sample_data" / "classes.json").read_text())
+    (root / "classes.json").write_text(json.dumps(names, indent=2))
+    for subset, subset_names in (("base", BASE), ("new", NEW)):
         for split in ("train", "test"):
-            for name in names:
+            for name in subset_names:
                 link = root / f"{subset}_{split}" / name
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
                     link.symlink_to(root / split / name, target_is_directory=True)
         names_file = root / f"{subset}_classes.json"
-        names_file.write_text(json.dumps({n: dict(zip(FOLDERS, PROMPT_NAMES, strict=True))[n] for n in names}))
+        names_file.write_text(json.dumps({n: names[n] for n in subset_names}))
     done.write_text("ok\n")
     return root
 

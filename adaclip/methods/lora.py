@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import UsageError
-from ..inject import parse_block_selection, tower_blocks
+from ..inject import BlockSelection
 from ..ui import log
 from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
 
@@ -53,13 +53,7 @@ Projection = Literal["q", "k", "v", "out"]
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "out")
 
 
-class LoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    towers: Literal["both", "image", "text"] = Field("both", description="which encoders get LoRA")
-    blocks: str = Field("all", description="1-based blocks of each tower: all, lastN, or a list like 1,3,9-12")
-    image_blocks: str | None = Field(None, description="overrides `blocks` for the image tower")
-    text_blocks: str | None = Field(None, description="overrides `blocks` for the text tower")
+class LoRASettings(BlockSelection):
     projections: list[Projection] = Field(["q", "k", "v"], description="attention projections to adapt")
     rank: int = Field(2, ge=1, description="r: rank of each low-rank update")
     alpha: float = Field(1.0, gt=0, description="LoRA alpha; the update is scaled by alpha / sqrt(r) or alpha / r")
@@ -497,9 +491,7 @@ class LoRAAdapters(Component):
         self.settings = settings
         self.lora = nn.ModuleDict()
         self.sites: dict[str, list[AttentionSite]] = {}
-        for tower in ("image", "text"):
-            if settings.towers not in ("both", tower):
-                continue
+        for tower in settings.selected_towers():
             sites = _tower_sites(backbone, tower, settings)
             if not sites:
                 log.warning(f"lora: no attention layer to adapt in the selected {tower} blocks; the tower stays frozen")
@@ -571,15 +563,9 @@ class LoRAAdapters(Component):
 
 
 def _tower_sites(backbone: Backbone, tower: str, settings: LoRASettings) -> list[AttentionSite]:
-    blocks = tower_blocks(backbone, tower)
-    spec = (settings.image_blocks if tower == "image" else settings.text_blocks) or settings.blocks
-    try:
-        chosen = parse_block_selection(spec, len(blocks))
-    except ValueError as exc:
-        raise UsageError(f"lora {tower} blocks: {exc}") from None
     sites = []
-    for index in chosen:
-        block = blocks[index]
+    for block in settings.selected_blocks(backbone, tower, "lora"):
+        index = block.index
         targets = find_attention(block.module, block.name)
         if targets is None:
             continue
