@@ -77,60 +77,77 @@ def prepare_dataset(root: Path = CACHE) -> Path:
 
 @dataclass
 class TestSet:
-    """A labelled test folder and, once computed, its frozen-tower features (shared by frozen methods)."""
+    """The 10-class test folder; its frozen-tower features are encoded once and shared by every method
+    whose image tower stays frozen."""
 
     folder: Path
     classes_file: Path
-    frozen_features: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+    _index: object = None
+
+    def index(self):
+        from adaclip.data import prepare_eval_data
+
+        if self._index is None:
+            self._index = prepare_eval_data(self.folder, self.classes_file)
+        return self._index
+
+    def features(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels as indices into FOLDERS) through the adapter's image tower."""
+        from adaclip.inference import encode_images
+
+        if adapter.model.image_tower_frozen and self.frozen is not None:
+            return self.frozen
+        folder = self.index()
+        encoded = encode_images(adapter.model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
+        labels = torch.tensor([FOLDERS.index(folder.folders[int(y)]) for y in encoded.labels.cpu()])
+        if adapter.model.image_tower_frozen:
+            self.frozen = (encoded.features, labels)
+        return encoded.features, labels
 
 
-def score(adapter, test: TestSet, class_names: list[str] | None = None) -> float:
-    """Accuracy on `test`, scored among `class_names` (default: the test folder's classes)."""
-    from adaclip.data import prepare_eval_data
-    from adaclip.inference import encode_images, logits_in_batches
+def accuracy_among(adapter, features: torch.Tensor, labels: torch.Tensor, folders: tuple[str, ...]) -> float:
+    """Accuracy on the images of `folders`, each scored among those classes only."""
+    from adaclip.inference import logits_in_batches
 
-    folder = prepare_eval_data(test.folder, test.classes_file)
-    names = class_names or folder.class_names
-    model = adapter.model
-    with adapter.classes(names):
-        if model.image_tower_frozen:
-            if test.frozen_features is None:
-                encoded = encode_images(model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
-                test.frozen_features, test.labels = encoded.features, encoded.labels
-            features, labels = test.frozen_features, test.labels
-        else:
-            encoded = encode_images(model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
-            features, labels = encoded.features, encoded.labels
-        predictions = logits_in_batches(model, features).argmax(dim=-1).cpu()
-    # the folder's labels index its own class list; map them to `names`
-    position = {n: i for i, n in enumerate(names)}
-    truth = torch.tensor([position[folder.class_names[int(y)]] for y in labels.cpu()])
+    names = json.loads((ROOT / "sample_data" / "classes.json").read_text())
+    scored = [names[f] for f in folders]
+    if set(scored) == set(adapter.class_names):
+        scored = list(adapter.class_names)  # the adapter's own order: no class switch needed
+    wanted = torch.tensor([FOLDERS.index(f) for f in folders])
+    rows = torch.isin(labels, wanted)
+    with adapter.classes(scored):
+        predictions = logits_in_batches(adapter.model, features[rows.to(features.device)]).argmax(dim=-1).cpu()
+    truth = torch.tensor([scored.index(names[FOLDERS[int(y)]]) for y in labels[rows]])
     return float((predictions == truth).float().mean())
 
 
-def few_shot(args, backbone, data: Path, methods: list[str]) -> list[dict]:
+def _fit(args, backbone, data: Path, method: str, train: str, classes: str, shots: int, seed: int):
     import adaclip
 
-    test = TestSet(data / "test", data / "classes.json")
+    return adaclip.fit(
+        data / train,
+        method,
+        backbone=backbone,
+        shots=shots,
+        seed=seed,
+        val_split=0,
+        classes=data / classes,
+        templates=args.templates,
+    )
+
+
+def few_shot(args, backbone, data: Path, methods: list[str], test: TestSet) -> list[dict]:
     records = []
     for method in methods:
         for shots in args.shots:
             for seed in args.seeds:
                 started = time.perf_counter()
-                adapter = adaclip.fit(
-                    data / "train",
-                    method,
-                    backbone=backbone,
-                    shots=shots,
-                    seed=seed,
-                    val_split=0,
-                    classes=data / "classes.json",
-                    templates=args.templates,
-                )
+                adapter = _fit(args, backbone, data, method, "train", "classes.json", shots, seed)
                 fit_seconds = time.perf_counter() - started
                 started = time.perf_counter()
-                accuracy = score(adapter, test)
+                features, labels = test.features(adapter)
+                accuracy = accuracy_among(adapter, features, labels, FOLDERS)
                 record = {
                     "protocol": "few-shot",
                     "method": method,
@@ -146,30 +163,18 @@ def few_shot(args, backbone, data: Path, methods: list[str]) -> list[dict]:
     return records
 
 
-def base_to_new(args, backbone, data: Path, methods: list[str]) -> list[dict]:
-    import adaclip
+def base_to_new(args, backbone, data: Path, methods: list[str], test: TestSet) -> list[dict]:
     from adaclip.methods import method_config_class
 
-    base = TestSet(data / "base_test", data / "base_classes.json")
-    new = TestSet(data / "new_test", data / "new_classes.json")
-    everything = TestSet(data / "test", data / "classes.json")
     records = []
     for method in methods:
+        agnostic = method_config_class(method).class_agnostic
         for seed in args.seeds:
-            adapter = adaclip.fit(
-                data / "base_train",
-                method,
-                backbone=backbone,
-                shots=16,
-                seed=seed,
-                val_split=0,
-                classes=data / "base_classes.json",
-                templates=args.templates,
-            )
-            agnostic = method_config_class(method).class_agnostic
-            base_acc = score(adapter, base)
-            new_acc = score(adapter, new) if agnostic else None
-            all_acc = score(adapter, everything) if agnostic else None
+            adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
+            features, labels = test.features(adapter)  # all 10,000 test images, encoded once
+            base_acc = accuracy_among(adapter, features, labels, BASE)
+            new_acc = accuracy_among(adapter, features, labels, NEW) if agnostic else None
+            all_acc = accuracy_among(adapter, features, labels, FOLDERS) if agnostic else None
             hm = 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None
             record = {
                 "protocol": "base-to-new",
@@ -272,10 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "skipped_methods": sorted(set(args.methods) - known),
     }
+    test = TestSet(data / "test", data / "classes.json")
     if "few-shot" in args.protocols:
-        report["few_shot"] = few_shot(args, backbone, data, methods)
+        report["few_shot"] = few_shot(args, backbone, data, methods, test)
     if "base-to-new" in args.protocols:
-        report["base_to_new"] = base_to_new(args, backbone, data, methods)
+        report["base_to_new"] = base_to_new(args, backbone, data, methods, test)
     output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
     write_json(output, report)
     replace_section(DOCS / "benchmarks.md", f"accuracy-{args.backbone}", render(report))
