@@ -42,9 +42,11 @@ bench: bench-speed bench-accuracy
 bench-speed: setup
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
 
+# Few-shot, base-to-new and test-time adaptation on Fashion-MNIST (Debian dataset-fashion-mnist).
 bench-accuracy: setup
 	@test -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
 	$(BIN)/python -m benchmarks.accuracy $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.tta
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
