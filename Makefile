@@ -34,7 +34,7 @@ lite-weights: setup
 
 # Rebuild sample_data/ from Debian's dataset-fashion-mnist (deterministic).
 sample-data: setup
-	$(BIN)/python tools/make_sample_data.py --out sample_data --seed 0
+	$(BIN)/python -m tools.make_sample_data --out sample_data --seed 0
 
 # Benchmarks are not part of `make test`: they take tens of minutes and write results/ + docs/benchmarks.md.
 bench: bench-speed bench-accuracy

@@ -1,6 +1,6 @@
 """Write sample_data/ from Fashion-MNIST (Debian package dataset-fashion-mnist, MIT licence, Zalando).
 
-    python tools/make_sample_data.py [--out sample_data] [--seed 0]
+    python -m tools.make_sample_data [--out sample_data] [--seed 0]
 
 Deterministic given the seed. Layout:
     train/<class>/     16 images per class, from the official train split
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -23,21 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+from tools.lite.fmnist import PROMPT_NAMES, load_split
+
 # Folder names read as class names on their own (adaclip turns _ and - into spaces); classes.json
-# gives the exact prompt names.
+# gives the exact prompt names (tools.lite.fmnist.PROMPT_NAMES).
 FOLDERS = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
-NAMES = ("t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 TRAIN_PER_CLASS, TEST_PER_CLASS, SHIFTED_TOTAL = 16, 20, 50
 CORRUPTIONS = ("noise", "blur", "contrast")
-
-
-def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(FMNIST_DIR / f"{split}-images-idx3-ubyte.gz") as handle:
-        images = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST_DIR / f"{split}-labels-idx1-ubyte.gz") as handle:
-        labels = np.frombuffer(handle.read(), np.uint8, offset=8)
-    return images, labels
 
 
 def per_class_indices(
@@ -101,7 +92,7 @@ def main() -> None:
     test_groups = per_class_indices(test_y, TEST_PER_CLASS, rng)
     write_labelled(args.out, "test", test_x, test_groups, "t10k_")
     write_shifted(args.out, test_x, test_y, {int(i) for g in test_groups for i in g}, rng)
-    (args.out / "classes.json").write_text(json.dumps(dict(zip(FOLDERS, NAMES, strict=True)), indent=2) + "\n")
+    (args.out / "classes.json").write_text(json.dumps(dict(zip(FOLDERS, PROMPT_NAMES, strict=True)), indent=2) + "\n")
     print(f"wrote {args.out}/: train {TRAIN_PER_CLASS}/class, test {TEST_PER_CLASS}/class, shifted {SHIFTED_TOTAL}")
 
 
