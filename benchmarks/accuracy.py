@@ -19,6 +19,7 @@ the others encode the test set through their adapted tower.
 
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
+    python -m benchmarks.accuracy --resume                         # finish a run that was stopped
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class TestSet:
         if adapter.model.image_tower_frozen and self.frozen is not None:
             return self.frozen
         folder = self.index()
-        encoded = encode_images(adapter.model, folder.images, adapter.backbone.eval_transform(), batch_size=128)
+        encoded = encode_images(adapter.model, folder.images, adapter.backbone.eval_transform(), batch_size=32)
         labels = torch.tensor([FOLDERS.index(folder.folders[int(y)]) for y in encoded.labels.cpu()])
         if adapter.model.image_tower_frozen:
             self.frozen = (encoded.features, labels)
@@ -137,58 +138,59 @@ def _fit(args, backbone, data: Path, method: str, train: str, classes: str, shot
     )
 
 
-def few_shot(args, backbone, data: Path, methods: list[str], test: TestSet) -> list[dict]:
-    records = []
-    for method in methods:
-        for shots in args.shots:
-            for seed in args.seeds:
-                started = time.perf_counter()
-                adapter = _fit(args, backbone, data, method, "train", "classes.json", shots, seed)
-                fit_seconds = time.perf_counter() - started
-                started = time.perf_counter()
-                features, labels = test.features(adapter)
-                accuracy = accuracy_among(adapter, features, labels, FOLDERS)
-                record = {
-                    "protocol": "few-shot",
-                    "method": method,
-                    "shots": shots,
-                    "seed": seed,
-                    "accuracy": accuracy,
-                    "trainable_params": adapter.trainable_params,
-                    "fit_seconds": round(fit_seconds, 1),
-                    "eval_seconds": round(time.perf_counter() - started, 1),
-                }
-                print(json.dumps(record), file=sys.stderr, flush=True)
-                records.append(record)
-    return records
+def few_shot_run(args, backbone, data: Path, method: str, shots: int, seed: int, test: TestSet) -> dict:
+    started = time.perf_counter()
+    adapter = _fit(args, backbone, data, method, "train", "classes.json", shots, seed)
+    fit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    features, labels = test.features(adapter)
+    return {
+        "protocol": "few-shot",
+        "method": method,
+        "shots": shots,
+        "seed": seed,
+        "accuracy": accuracy_among(adapter, features, labels, FOLDERS),
+        "trainable_params": adapter.trainable_params,
+        "fit_seconds": round(fit_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
-def base_to_new(args, backbone, data: Path, methods: list[str], test: TestSet) -> list[dict]:
+def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: TestSet) -> dict:
     from adaclip.methods import method_config_class
 
-    records = []
-    for method in methods:
-        agnostic = method_config_class(method).class_agnostic
-        for seed in args.seeds:
-            adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
-            features, labels = test.features(adapter)  # all 10,000 test images, encoded once
-            base_acc = accuracy_among(adapter, features, labels, BASE)
-            new_acc = accuracy_among(adapter, features, labels, NEW) if agnostic else None
-            all_acc = accuracy_among(adapter, features, labels, FOLDERS) if agnostic else None
-            hm = 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None
-            record = {
-                "protocol": "base-to-new",
-                "method": method,
-                "shots": 16,
-                "seed": seed,
-                "base": base_acc,
-                "new": new_acc,
-                "all": all_acc,
-                "hm": hm,
-            }
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            records.append(record)
-    return records
+    agnostic = method_config_class(method).class_agnostic
+    adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
+    features, labels = test.features(adapter)  # all 10,000 test images, encoded once
+    base_acc = accuracy_among(adapter, features, labels, BASE)
+    new_acc = accuracy_among(adapter, features, labels, NEW) if agnostic else None
+    all_acc = accuracy_among(adapter, features, labels, FOLDERS) if agnostic else None
+    return {
+        "protocol": "base-to-new",
+        "method": method,
+        "shots": 16,
+        "seed": seed,
+        "base": base_acc,
+        "new": new_acc,
+        "all": all_acc,
+        "hm": 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None,
+    }
+
+
+def planned_runs(args, methods: list[str]) -> list[tuple[str, str, int, int]]:
+    """(protocol, method, shots, seed), seed outermost: a run cut short still covers every method and
+    shot count with the seeds it finished (the table's `runs` column says how many)."""
+    runs = []
+    for seed in args.seeds:
+        if "few-shot" in args.protocols:
+            runs += [("few-shot", m, k, seed) for m in methods for k in args.shots]
+        if "base-to-new" in args.protocols:
+            runs += [("base-to-new", m, 16, seed) for m in methods]
+    return runs
+
+
+def _key(record: dict) -> tuple:
+    return (record["protocol"], record["method"], record["shots"], record["seed"])
 
 
 def summarize(records: list[dict], keys: list[str], group: list[str]) -> list[dict]:
@@ -221,9 +223,11 @@ def render(report: dict) -> str:
         + f"), adaclip {report['git_commit'][:12]}, backbone `{report['settings']['backbone']}`, "
         f"templates `{report['settings']['templates']}`.",
         "",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}`" + "".join(f" (continuing `{c}`)" for c in report.get("earlier_commands", [])),
         "",
     ]
+    if not report.get("complete", True):
+        lines += ["Incomplete: the run was stopped before its last seeds; `runs` counts the seeds done.", ""]
     if report.get("few_shot"):
         lines += [
             "Few-shot on Fashion-MNIST (accuracy % on the 10,000 test images, mean +- std over seeds "
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--templates", default="ensemble")
     parser.add_argument("--protocols", nargs="+", default=["few-shot", "base-to-new"])
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --output; do the rest")
     args = parser.parse_args(argv)
 
     import adaclip
@@ -277,14 +282,29 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "skipped_methods": sorted(set(args.methods) - known),
     }
-    test = TestSet(data / "test", data / "classes.json")
-    if "few-shot" in args.protocols:
-        report["few_shot"] = few_shot(args, backbone, data, methods, test)
-    if "base-to-new" in args.protocols:
-        report["base_to_new"] = base_to_new(args, backbone, data, methods, test)
     output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
-    write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"accuracy-{args.backbone}", render(report))
+    done: dict[tuple, dict] = {}
+    if args.resume and output.exists():
+        previous = json.loads(output.read_text())
+        report["earlier_commands"] = previous.get("earlier_commands", []) + [previous["command"]]
+        done = {_key(r): r for r in previous.get("few_shot", []) + previous.get("base_to_new", [])}
+    test = TestSet(data / "test", data / "classes.json")
+    plan = planned_runs(args, methods)
+    for number, (protocol, method, shots, seed) in enumerate(plan, 1):
+        if (protocol, method, shots, seed) not in done:
+            if protocol == "few-shot":
+                record = few_shot_run(args, backbone, data, method, shots, seed, test)
+            else:
+                record = base_to_new_run(args, backbone, data, method, seed, test)
+            done[_key(record)] = record
+            print(f"[{number}/{len(plan)}] " + json.dumps(record), file=sys.stderr, flush=True)
+        # Saved after every run, so a run stopped early keeps what it measured.
+        records = list(done.values())
+        report["few_shot"] = [r for r in records if r["protocol"] == "few-shot"]
+        report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
+        report["complete"] = number == len(plan)
+        write_json(output, report)
+        replace_section(DOCS / "benchmarks.md", f"accuracy-{args.backbone}", render(report))
     print(f"wrote {output} and docs/benchmarks.md")
 
 

@@ -53,6 +53,8 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "gpu": None,
+        # allocator settings change CPU throughput a lot (Makefile, bench targets): recorded with the numbers
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -73,7 +73,10 @@ def run_one(backbone: str, method: str, args: argparse.Namespace) -> dict:
         command += ["--settings", json.dumps(settings)]
     env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"backbone": backbone, "method": method, "error": f"took longer than --timeout {args.timeout} s"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {"backbone": backbone, "method": method, "error": last}
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
     known = set(list_methods())
     report = {**run_header(), "settings": vars(args) | {"output": str(args.output)}, "runs": [], "skipped": []}
+    output = args.output or RESULTS / f"speed-{platform.node() or 'host'}.json"
     for backbone in args.backbones:
         for method in args.methods:
             if method not in known:
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             record = run_one(backbone, method, args)
             print(json.dumps(record), file=sys.stderr, flush=True)
             report["runs"].append(record)
+            write_json(output, report)  # after every run: a run stopped early keeps what it measured
     add_ratios(report["runs"])
     if not args.no_epoch_timing:
         report["cached_epochs"] = []
@@ -222,7 +227,6 @@ def main(argv: list[str] | None = None) -> None:
                 if method in known:
                     for backbone in args.backbones:
                         report["cached_epochs"].append(cached_epoch_timing(method, backbone, data))
-    output = args.output or RESULTS / f"speed-{platform.node() or 'host'}.json"
     write_json(output, report)
     replace_section(DOCS / "benchmarks.md", f"speed-{'gpu' if report['machine'].get('gpu') else 'cpu'}", render(report))
     print(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} and docs/benchmarks.md")
