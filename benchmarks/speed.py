@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
                     for backbone in args.backbones:
                         report["cached_epochs"].append(cached_epoch_timing(method, backbone, data))
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"speed-{'gpu' if report['machine'].get('gpu') else 'cpu'}", render(report))
+    section = f"speed-{'gpu' if report['machine'].get('gpu') else 'cpu'}"
+    if args.backbones != parser.get_default("backbones"):
+        section += "-" + "-".join(args.backbones)  # a partial run gets its own table, next to the full one
+    replace_section(DOCS / "benchmarks.md", section, render(report))
     print(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} and docs/benchmarks.md")
 
 
