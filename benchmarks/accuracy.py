@@ -208,7 +208,7 @@ def summarize(records: list[dict], keys: list[str], group: list[str]) -> list[di
             if values:
                 mean = 100 * statistics.fmean(values)
                 std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-                row[key] = f"{mean:.2f} +- {std:.2f}"
+                row[key] = f"{mean:.2f} +- {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
             else:
                 row[key] = None
         out.append(row)
@@ -223,11 +223,14 @@ def render(report: dict) -> str:
         + f"), adaclip {report['git_commit'][:12]}, backbone `{report['settings']['backbone']}`, "
         f"templates `{report['settings']['templates']}`.",
         "",
-        f"Command: `{report['command']}`" + "".join(f" (continuing `{c}`)" for c in report.get("earlier_commands", [])),
+        "Commands, in order (each `--resume` keeps the runs before it): "
+        + "; ".join(f"`{c}`" for c in [*report.get("earlier_commands", []), report["command"]]),
         "",
     ]
     if not report.get("complete", True):
         lines += ["Incomplete: the run was stopped before its last seeds; `runs` counts the seeds done.", ""]
+    elif report.get("earlier_commands"):
+        lines += ["Cells were filled by several commands: `runs` counts the seeds each one has.", ""]
     if report.get("few_shot"):
         lines += [
             "Few-shot on Fashion-MNIST (accuracy % on the 10,000 test images, mean +- std over seeds "
