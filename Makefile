@@ -38,7 +38,7 @@ sample-data: setup
 
 # Benchmarks are not part of `make test`: they take tens of minutes and write results/ + docs/benchmarks.md.
 # glibc hands large tensor buffers back to the OS after every batch and faults them in again; keeping
-# them (these two settings) made lite encoding 1.7x faster on the 2-core CI machine (docs/benchmarks.md).
+# them (these two settings) made lite encoding 1.7-3.4x faster on the 2-core development machine (python -m benchmarks.encode_batch).
 bench-speed bench-accuracy: export MALLOC_MMAP_THRESHOLD_ = 4000000000
 bench-speed bench-accuracy: export MALLOC_TRIM_THRESHOLD_ = 4000000000
 bench: bench-speed bench-accuracy

@@ -206,9 +206,9 @@ def summarize(records: list[dict], keys: list[str], group: list[str]) -> list[di
         for key in keys:
             values = [v for v in row.pop(f"_{key}") if v is not None]
             if values:
-                mean = 100 * statistics.fmean(values)
-                std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-                row[key] = f"{mean:.2f} +- {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+                row[key] = f"{100 * statistics.fmean(values):.2f}"
+                if len(values) > 1:
+                    row[key] += f" +- {100 * statistics.stdev(values):.2f}"
             else:
                 row[key] = None
         out.append(row)
@@ -261,6 +261,16 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def save(output: Path, report: dict, done: dict[tuple, dict], *, complete: bool) -> None:
+    """Write the results file and the docs table from the runs done so far."""
+    records = list(done.values())
+    report["few_shot"] = [r for r in records if r["protocol"] == "few-shot"]
+    report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
+    report["complete"] = complete
+    write_json(output, report)
+    replace_section(DOCS / "benchmarks.md", f"accuracy-{report['settings']['backbone']}", render(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="lite")
@@ -301,13 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                 record = base_to_new_run(args, backbone, data, method, seed, test)
             done[_key(record)] = record
             print(f"[{number}/{len(plan)}] " + json.dumps(record), file=sys.stderr, flush=True)
-        # Saved after every run, so a run stopped early keeps what it measured.
-        records = list(done.values())
-        report["few_shot"] = [r for r in records if r["protocol"] == "few-shot"]
-        report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
-        report["complete"] = number == len(plan)
-        write_json(output, report)
-        replace_section(DOCS / "benchmarks.md", f"accuracy-{args.backbone}", render(report))
+            save(output, report, done, complete=number == len(plan))  # a run stopped early keeps what it measured
+    save(output, report, done, complete=True)
     print(f"wrote {output} and docs/benchmarks.md")
 
 
