@@ -105,20 +105,33 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
     out = tmp_path / "long.adaclip"
     checkpoint = tmp_path / "long.adaclip.ckpt"
     command = [sys.executable, "-m", "adaclip", "fit", str(dataset), "-m", "linear-probe", "-o", str(out)]
-    process = subprocess.Popen(
-        command + ["--epochs", "100000", "--val-split", "0", *TINY_CLI],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    # stderr goes to a file, not a pipe: a child blocked on a full pipe (one log line per epoch) would
+    # test the pipe, not the interrupt. PYTHONFAULTHANDLER lets SIGABRT dump every thread if it hangs.
+    log_path = tmp_path / "fit-stderr.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            command + ["--epochs", "100000", "--val-split", "0", *TINY_CLI],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            text=True,
+            env=_env(PYTHONFAULTHANDLER="1"),
+        )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
-    assert checkpoint.exists(), process.communicate()[1]
+    if not checkpoint.exists():
+        process.kill()
+        process.wait()
+        pytest.fail(f"no checkpoint after 120 s; stderr ends:\n{log_path.read_text()[-4000:]}")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+        process.wait(timeout=30)
+        pytest.fail(f"fit still running 60 s after SIGINT; stderr ends:\n{log_path.read_text()[-8000:]}")
+    stderr = log_path.read_text()
+    assert process.returncode == 130, stderr[-4000:]
     assert "--resume" in stderr and "Traceback" not in stderr
     assert checkpoint.exists() and not out.exists()  # no partial adapter under the final name
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
