@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-accuracy bench-speed lite-weights sample-data clean
+.PHONY: setup test demo lint bench bench-accuracy bench-speed bench-gpu lite-weights sample-data clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ bench: bench-speed bench-accuracy
 
 bench-speed: setup
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
+
+# The same suite on a CUDA machine (needs a CUDA build of torch): bf16 autocast, larger batches, and
+# achieved TFLOP/s against the GPU's data-sheet peak (--peak-tflops N for a GPU the table lacks).
+bench-gpu: setup
+	$(BIN)/python -m benchmarks.speed --device cuda --precision bf16 --batch-size 64 --steps 20 \
+		--predict-batch-size 256 --predict-steps 20 --output results/speed-gpu.json $(BENCH_ARGS)
 
 # Few-shot, base-to-new and test-time adaptation on Fashion-MNIST (Debian dataset-fashion-mnist).
 bench-accuracy: setup

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -142,3 +143,30 @@ def replace_section(path: Path, marker: str, content: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' data sheets, for "achieved vs peak". Each
+# pattern is a whole-word match against torch.cuda.get_device_properties().name, tried in order, so
+# the more specific names come first. "half" is the bf16/fp16 tensor-core rate with fp32 accumulation;
+# "fp32" the plain fp32 rate (PyTorch does not use TF32 for fp32 matmuls unless asked to).
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"H100 PCIe", {"half": 756.0, "fp32": 51.2}),
+    (r"H100 NVL", {"half": 835.0, "fp32": 60.0}),
+    (r"H100", {"half": 989.4, "fp32": 66.9}),  # SXM5, reported as e.g. "NVIDIA H100 80GB HBM3"
+    (r"H200", {"half": 989.4, "fp32": 66.9}),
+    (r"A100", {"half": 312.0, "fp32": 19.5}),
+    (r"L40S", {"half": 362.1, "fp32": 91.6}),
+    (r"L4", {"half": 121.0, "fp32": 30.3}),
+)
+
+
+PEAK_HELP = "the GPU's peak TFLOP/s at the run's precision, for GPUs not in benchmarks.common.GPU_PEAK_TFLOPS"
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
+    """The data-sheet peak for this GPU at this precision (bf16, fp16 or fp32), or None if unknown."""
+    kind = "fp32" if precision == "fp32" else "half"
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if re.search(rf"\b{pattern}\b", device_name, flags=re.IGNORECASE):
+            return peaks[kind]
+    return None

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
+from .common import DOCS, PEAK_HELP, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
 DEFAULT_METHODS = [
     "zeroshot",
@@ -68,6 +68,8 @@ def run_one(backbone: str, method: str, args: argparse.Namespace) -> dict:
         "--predict-steps",
         str(args.predict_steps),
     ]
+    if args.peak_tflops:
+        command += ["--peak-tflops", str(args.peak_tflops)]
     settings = PER_BACKBONE_SETTINGS.get(backbone, {}).get(method)
     if settings:
         command += ["--settings", json.dumps(settings)]
@@ -135,6 +137,21 @@ def _synthetic_folder(root: Path, classes: int = 10, per_class: int = 16) -> Pat
     return root
 
 
+def _peak_note(rows: list[dict]) -> list[str]:
+    peaks = {(r["gpu_name"], r.get("precision"), r["gpu_peak_tflops"]) for r in rows if r.get("gpu_name")}
+    if not peaks:
+        return []
+    described = "; ".join(
+        f"{name} {precision}: {peak} TFLOP/s" if peak else f"{name} {precision}: unknown (pass --peak-tflops)"
+        for name, precision, peak in sorted(peaks, key=str)
+    )
+    return [
+        "",
+        "TFLOP/s: FLOPs of one training step (torch.utils.flop_counter) over its time; of peak: that rate over "
+        f"the GPU's dense data-sheet peak ({described}).",
+    ]
+
+
 def render(report: dict) -> str:
     rows = report["runs"]
     lines = [
@@ -149,6 +166,7 @@ def render(report: dict) -> str:
         "backward to the first trainable part, optimizer step); cached = a step on cached image features "
         "(what fit runs when the image tower is frozen). Ratios are training images/s relative to full "
         "fine-tuning and to LoRA on the same backbone.",
+        *_peak_note(rows),
         "",
         markdown_table(
             rows,
@@ -161,6 +179,11 @@ def render(report: dict) -> str:
                 ("train_speed_vs_full-ft", "vs full FT"),
                 ("train_speed_vs_lora", "vs LoRA"),
                 ("train_achieved_gflops", "GFLOP/s"),
+                *(
+                    [("train_achieved_tflops", "TFLOP/s"), ("train_fraction_of_peak", "of peak")]
+                    if any("train_achieved_tflops" in r for r in rows)
+                    else []
+                ),
                 ("peak_rss_mib", "peak RSS MiB"),
                 ("cuda_max_allocated_mib", "CUDA MiB"),
                 ("predict_images_per_second", "predict img/s"),
@@ -200,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-batch-size", type=int, default=64)
     parser.add_argument("--predict-steps", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
     parser.add_argument("--no-epoch-timing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .common import PEAK_HELP, gpu_peak_tflops
+
 N_CLASSES = 10
 
 
@@ -25,6 +27,18 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+def _against_peak(achieved_tflops: float, device: torch.device, precision: str, args) -> dict:
+    """Achieved training-step TFLOP/s as a fraction of the GPU's data-sheet peak at this precision."""
+    name = torch.cuda.get_device_properties(device).name
+    peak = args.peak_tflops or gpu_peak_tflops(name, precision)
+    return {
+        "gpu_name": name,
+        "train_achieved_tflops": achieved_tflops,
+        "gpu_peak_tflops": peak,
+        "train_fraction_of_peak": achieved_tflops / peak if peak else None,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -97,6 +111,8 @@ def measure(args: argparse.Namespace) -> dict:
             train_step()
         record["train_step_gflop"] = counter.get_total_flops() / 1e9
         record["train_achieved_gflops"] = record["train_step_gflop"] / seconds
+        if device.type == "cuda":
+            record.update(_against_peak(record["train_achieved_gflops"] / 1e3, device, backbone.precision, args))
         if model.image_tower_frozen:
             # what the shared loop actually runs for frozen image towers: steps on cached features
             features = model.zero_shot_image_features(pixels)
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--predict-batch-size", type=int, default=64)
     parser.add_argument("--predict-steps", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
     args = parser.parse_args(argv)
     json.dump(measure(args), sys.stdout)
     sys.stdout.write("\n")

@@ -1,0 +1,85 @@
+"""The benchmark harness (not the benchmarks themselves, which are `make bench`): one method's speed
+record on a tiny backbone, and the GPU-peak bookkeeping that a CPU machine cannot otherwise exercise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.common import ROOT, gpu_peak_tflops
+from benchmarks.speed import add_ratios, render
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", 66.9),
+        ("NVIDIA H200", "fp16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA L40S", "bf16", 362.1),
+        ("NVIDIA L40", "bf16", None),  # not the L4 or the L40S: unknown, not a wrong number
+        ("NVIDIA A10G", "bf16", None),
+    ],
+)
+def test_gpu_peak_lookup_matches_whole_names(name, precision, peak):
+    assert gpu_peak_tflops(name, precision) == peak
+
+
+def _report(rows: list[dict], gpu: dict | None) -> dict:
+    return {
+        "date": "2026-01-01",
+        "git_commit": "0" * 40,
+        "command": "python -m benchmarks.speed",
+        "machine": {"cpu": "cpu", "cpu_count": 16, "gpu": gpu},
+        "settings": {"batch_size": 64, "predict_batch_size": 128},
+        "runs": rows,
+    }
+
+
+def test_gpu_table_reports_achieved_rate_against_the_peak():
+    rows = [
+        {"backbone": "b", "method": "lora", "precision": "bf16", "train_images_per_second": 100.0,
+         "gpu_name": "NVIDIA H100 80GB HBM3", "train_achieved_tflops": 98.94, "gpu_peak_tflops": 989.4,
+         "train_fraction_of_peak": 0.1},
+        {"backbone": "b", "method": "adaring", "precision": "bf16", "train_images_per_second": 150.0,
+         "gpu_name": "NVIDIA H100 80GB HBM3", "train_achieved_tflops": 49.47, "gpu_peak_tflops": 989.4,
+         "train_fraction_of_peak": 0.05},
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[1]["train_speed_vs_lora"] == pytest.approx(1.5)
+    text = render(_report(rows, {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2}))
+    assert "| TFLOP/s | of peak |" in text
+    assert "NVIDIA H100 80GB HBM3 bf16: 989.4 TFLOP/s" in text
+    assert "| 0.05 |" in text and "| 49.47 |" in text
+
+
+def test_cpu_table_has_no_peak_columns():
+    rows = [{"backbone": "b", "method": "lora", "precision": "fp32", "train_images_per_second": 1.0}]
+    text = render(_report(rows, None))
+    assert "of peak" not in text and "no GPU" in text
+
+
+def test_speed_one_measures_a_method_on_a_tiny_backbone():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed_one", "--backbone", TINY, "--method", "adaring",
+         "--device", "cpu", "--batch-size", "2", "--steps", "1", "--predict-batch-size", "2", "--predict-steps", "1",
+         "--settings", json.dumps({"blocks": "all", "ranks": [2]})],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["method"] == "adaring" and record["precision"] == "fp32"
+    assert record["trainable_params"] > 0 and record["adapter_file_bytes"] > 0
+    assert record["train_images_per_second"] > 0 and record["predict_images_per_second"] > 0
+    assert record["train_step_gflop"] > 0
+    assert "train_fraction_of_peak" not in record  # CPU: no peak to compare against
