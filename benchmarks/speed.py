@@ -67,6 +67,10 @@ def run_one(backbone: str, method: str, args: argparse.Namespace) -> dict:
         str(args.predict_batch_size),
         "--predict-steps",
         str(args.predict_steps),
+        "--tta-images",
+        str(args.tta_images),
+        "--tta-episodic-images",
+        str(args.tta_episodic_images),
     ]
     if args.peak_tflops:
         command += ["--peak-tflops", str(args.peak_tflops)]
@@ -165,7 +169,10 @@ def render(report: dict) -> str:
         f"precision {rows[0].get('precision', '?') if rows else '?'}; images/s through the encoders (forward, "
         "backward to the first trainable part, optimizer step); cached = a step on cached image features "
         "(what fit runs when the image tower is frozen). Ratios are training images/s relative to full "
-        "fine-tuning and to LoRA on the same backbone.",
+        "fine-tuning and to LoRA on the same backbone. TTA: `adaclip tta` end to end (decode, encode, adapt, "
+        f"predict) over {report['settings'].get('tta_images', '?')} random images (episodic, 64 views each: "
+        f"the first {report['settings'].get('tta_episodic_images', '?')}); '-' where the method's head has no "
+        "mask to adapt (TDA works with any head).",
         *_peak_note(rows),
         "",
         markdown_table(
@@ -188,6 +195,9 @@ def render(report: dict) -> str:
                 ("cuda_max_allocated_mib", "CUDA MiB"),
                 ("predict_images_per_second", "predict img/s"),
                 ("predict_speed_vs_zeroshot", "predict vs zero-shot"),
+                ("tta_online_images_per_second", "tta online img/s"),
+                ("tta_tda_images_per_second", "tta tda img/s"),
+                ("tta_episodic_images_per_second", "tta episodic img/s"),
                 ("adapter_file_bytes", "file bytes"),
                 ("error", "error"),
             ],
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--predict-batch-size", type=int, default=64)
     parser.add_argument("--predict-steps", type=int, default=3)
+    parser.add_argument("--tta-images", type=int, default=32, help="images for online/tda TTA timing (0: skip TTA)")
+    parser.add_argument("--tta-episodic-images", type=int, default=2, help="of those, images for episodic TTA")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
     parser.add_argument("--no-epoch-timing", action="store_true")

@@ -153,9 +153,46 @@ def measure(args: argparse.Namespace) -> dict:
         seed=0,
         trainable_params=model.n_trainable(),
     )
+    adapter = Adapter(model, metadata)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Adapter(model, metadata).save(Path(tmp) / "bench.adaclip")
+        path = adapter.save(Path(tmp) / "bench.adaclip")
         record["adapter_file_bytes"] = path.stat().st_size
+        # --- test-time adaptation: the adapter over a folder of images, as `adaclip tta` runs it ---
+        if args.tta_images:
+            record.update(_tta_throughput(adapter, Path(tmp) / "images", size, args))
+    return record
+
+
+def _tta_throughput(adapter, folder: Path, size: int, args: argparse.Namespace) -> dict:
+    """Images/s of each TTA mode end to end (decode, encode, adapt, predict). Episodic encodes
+    `views` crops per image, so it runs on the first `--tta-episodic-images` images only."""
+    from PIL import Image
+
+    from adaclip.errors import UsageError
+    from adaclip.tta import TestTimeAdaptation, make_tta_settings
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for index in range(args.tta_images):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+        images.append(folder / f"{index:05d}.png")
+        Image.fromarray(pixels).save(images[-1])
+    record: dict = {}
+    for mode, subset in (
+        ("online", images),
+        ("tda", images),
+        ("episodic", images[: args.tta_episodic_images]),
+    ):
+        settings = make_tta_settings(mode=mode, batch_size=args.predict_batch_size)
+        try:
+            run = TestTimeAdaptation(adapter, settings)
+        except UsageError:  # a head that scores with its own weights (linear-probe...): no mask to adapt
+            record[f"tta_{mode}_images_per_second"] = None
+            continue
+        for _ in run.run(subset):
+            pass
+        record[f"tta_{mode}_images_per_second"] = run.n_images / run.seconds
     return record
 
 
@@ -172,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predict-batch-size", type=int, default=64)
     parser.add_argument("--predict-steps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
+    parser.add_argument("--tta-images", type=int, default=32, help="images for online/tda TTA timing (0: skip TTA)")
+    parser.add_argument("--tta-episodic-images", type=int, default=2, help="of those, images for episodic TTA")
     args = parser.parse_args(argv)
     json.dump(measure(args), sys.stdout)
     sys.stdout.write("\n")

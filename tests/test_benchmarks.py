@@ -40,7 +40,7 @@ def _report(rows: list[dict], gpu: dict | None) -> dict:
         "git_commit": "0" * 40,
         "command": "python -m benchmarks.speed",
         "machine": {"cpu": "cpu", "cpu_count": 16, "gpu": gpu},
-        "settings": {"batch_size": 64, "predict_batch_size": 128},
+        "settings": {"batch_size": 64, "predict_batch_size": 128, "tta_images": 32, "tta_episodic_images": 2},
         "runs": rows,
     }
 
@@ -60,6 +60,7 @@ def test_gpu_table_reports_achieved_rate_against_the_peak():
     assert "| TFLOP/s | of peak |" in text
     assert "NVIDIA H100 80GB HBM3 bf16: 989.4 TFLOP/s" in text
     assert "| 0.05 |" in text and "| 49.47 |" in text
+    assert "over 32 random images" in text and "| tta online img/s |" in text
 
 
 def test_cpu_table_has_no_peak_columns():
@@ -68,18 +69,24 @@ def test_cpu_table_has_no_peak_columns():
     assert "of peak" not in text and "no GPU" in text
 
 
-def test_speed_one_measures_a_method_on_a_tiny_backbone():
+@pytest.mark.parametrize(("method", "settings", "adapts_mask"), [("adaring", {"blocks": "all", "ranks": [2]}, True),
+                                                                ("linear-probe", {}, False)])  # fmt: skip
+def test_speed_one_measures_a_method_on_a_tiny_backbone(method, settings, adapts_mask):
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed_one", "--backbone", TINY, "--method", "adaring",
+        [sys.executable, "-m", "benchmarks.speed_one", "--backbone", TINY, "--method", method,
          "--device", "cpu", "--batch-size", "2", "--steps", "1", "--predict-batch-size", "2", "--predict-steps", "1",
-         "--settings", json.dumps({"blocks": "all", "ranks": [2]})],
+         "--tta-images", "3", "--tta-episodic-images", "1", "--settings", json.dumps(settings)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    assert record["method"] == "adaring" and record["precision"] == "fp32"
+    assert record["method"] == method and record["precision"] == "fp32"
     assert record["trainable_params"] > 0 and record["adapter_file_bytes"] > 0
     assert record["train_images_per_second"] > 0 and record["predict_images_per_second"] > 0
     assert record["train_step_gflop"] > 0
     assert "train_fraction_of_peak" not in record  # CPU: no peak to compare against
+    assert record["tta_tda_images_per_second"] > 0  # training-free: any head
+    for mode in ("online", "episodic"):
+        rate = record[f"tta_{mode}_images_per_second"]
+        assert (rate > 0) if adapts_mask else (rate is None)
