@@ -113,7 +113,6 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
             command + ["--epochs", "100000", "--val-split", "0", *TINY_CLI],
             stdout=subprocess.DEVNULL,
             stderr=log_file,
-            text=True,
             env=_env(PYTHONFAULTHANDLER="1"),
         )
     deadline = time.monotonic() + 120
