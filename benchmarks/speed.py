@@ -240,7 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    from adaclip.backbone import select_device
+    from adaclip.errors import AdaclipError
     from adaclip.methods import list_methods
+
+    try:  # once, up front: otherwise every method's process fails alike and the table is all errors
+        select_device(args.device)
+    except AdaclipError as exc:
+        parser.exit(2, f"benchmarks.speed: {exc.one_line()}\n")
 
     known = set(list_methods())
     report = {**run_header(), "settings": vars(args) | {"output": str(args.output)}, "runs": [], "skipped": []}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks.common import ROOT, gpu_peak_tflops
 from benchmarks.speed import add_ratios, render
@@ -90,3 +91,17 @@ def test_speed_one_measures_a_method_on_a_tiny_backbone(method, settings, adapts
     for mode in ("online", "episodic"):
         rate = record[f"tta_{mode}_images_per_second"]
         assert (rate > 0) if adapts_mask else (rate is None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_speed_on_a_missing_gpu_stops_before_measuring_anything(tmp_path, capsys):
+    from benchmarks.speed import main
+
+    output = tmp_path / "speed.json"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cuda", "--backbones", "lite", "--methods", "zeroshot", "--output", str(output)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "benchmarks.speed: --device cuda asked for, but CUDA is not available here (use --device cpu)"
+    ]
+    assert not output.exists()
