@@ -107,6 +107,9 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
     command = [sys.executable, "-m", "adaclip", "fit", str(dataset), "-m", "linear-probe", "-o", str(out)]
     # stderr goes to a file, not a pipe: a child blocked on a full pipe (one log line per epoch) would
     # test the pipe, not the interrupt. PYTHONFAULTHANDLER lets SIGABRT dump every thread if it hangs.
+    # The child starts with SIGINT at its default, as under a terminal's Ctrl-C: a test run started in the
+    # background (`make test &`, nohup) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt, which is what made this test time out twice.
     log_path = tmp_path / "fit-stderr.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
@@ -114,6 +117,7 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             env=_env(PYTHONFAULTHANDLER="1"),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
