@@ -7,13 +7,40 @@ Library entry points (the CLI is a thin layer over these):
     Adapter.predict(paths_or_images, top_k=5) / .evaluate(folder) / .save(path)
     adaclip.create_backbone(name, pretrained) -> Backbone
     adaclip.list_methods() -> list[str]
+
+adaclip logs through the standard `logging` module under the logger named "adaclip":
+`logging.getLogger("adaclip").setLevel(logging.ERROR)` silences it; `adaclip.set_progress(False)` turns
+progress bars off.
+
+Names are imported on first use (module `__getattr__`), so `import adaclip` and the CLI's help, version
+and `info` start without importing torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter
-from .backbone import Backbone, create_backbone
 from .errors import AdaclipError, AdapterFileError, BackboneUnavailableError, InputError, UsageError
-from .methods import list_methods
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter
+    from .backbone import Backbone, create_backbone
+    from .methods import list_methods
+    from .ui import set_progress
+
+_LAZY = {
+    "Adapter": "adapter",
+    "Prediction": "adapter",
+    "fit": "adapter",
+    "load": "adapter",
+    "zero_shot_adapter": "adapter",
+    "Backbone": "backbone",
+    "create_backbone": "backbone",
+    "list_methods": "methods",
+    "set_progress": "ui",
+}
 
 __all__ = [
     "AdaclipError",
@@ -29,5 +56,19 @@ __all__ = [
     "fit",
     "list_methods",
     "load",
+    "set_progress",
     "zero_shot_adapter",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adaclip' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,14 +18,16 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
-from .backbone import BackboneIdentity, PreprocessConfig
 from .errors import AdapterFileError, UsageError
+from .identity import BackboneIdentity, PreprocessConfig
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "adaclip-adapter"
 FORMAT_VERSION = 1
@@ -33,17 +35,25 @@ SUFFIX = ".adaclip"
 # A real adapter header is kilobytes (a few MB with a 10,000-file few-shot list); refuse anything that
 # declares more before reading it, so a crafted file cannot make us allocate gigabytes.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-ALLOWED_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "BOOL": torch.bool,
-}
-# What the serializer can write (training checkpoints also hold uint8 RNG states); adapter files are
-# further restricted to ALLOWED_DTYPES on read.
-_DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()} | {torch.uint8: "U8", torch.float64: "F64"}
+ALLOWED_DTYPES = ("F32", "F16", "BF16", "I64", "I32", "BOOL")
+
+
+def _dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors name for what the serializer can write (training checkpoints also hold
+    uint8 RNG states; adapter files are restricted to ALLOWED_DTYPES on read). A function, not a module
+    constant, so reading a header (`adaclip info`) never imports torch."""
+    import torch
+
+    return {
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.bool: "BOOL",
+        torch.uint8: "U8",
+        torch.float64: "F64",
+    }
 
 
 class TensorSpec(BaseModel):
@@ -113,10 +123,13 @@ def created_at_now() -> str:
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    import torch
+
+    names = _dtype_names()
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}\0{_DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))}\0{list(tensor.shape)}\0".encode())
+        digest.update(f"{name}\0{names.get(tensor.dtype, str(tensor.dtype))}\0{list(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -136,15 +149,14 @@ def write_adapter_file(
         raise UsageError("output path is a folder", path=path)
     if not path.parent.exists():
         raise UsageError("output folder does not exist", path=path.parent)
+    names = _dtype_names()
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     for name, tensor in cpu.items():
-        if tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dtype not in names:
             raise ValueError(f"tensor {name} has unsupported dtype {tensor.dtype}")
     metadata = metadata.model_copy(
         update={
-            "tensors": {
-                n: TensorSpec(dtype=_DTYPE_NAMES[t.dtype], shape=list(t.shape)) for n, t in sorted(cpu.items())
-            },
+            "tensors": {n: TensorSpec(dtype=names[t.dtype], shape=list(t.shape)) for n, t in sorted(cpu.items())},
             "tensors_sha256": tensor_digest(cpu),
         }
     )
@@ -172,6 +184,9 @@ def atomic_write(path: Path, data: bytes) -> Path:
 def serialize_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The safetensors format, written with sorted keys so equal content gives equal bytes (the
     reference writer orders its header by hash map, which differs between runs)."""
+    import torch
+
+    names = _dtype_names()
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs: list[bytes] = []
     offset = 0
@@ -179,7 +194,7 @@ def serialize_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
         tensor = tensors[name].contiguous()
         blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "dtype": names[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + len(blob)],
         }
@@ -231,6 +246,7 @@ def read_adapter_header(path: str | Path) -> AdapterMetadata:
 
 def read_adapter_file(path: str | Path) -> tuple[AdapterMetadata, dict[str, torch.Tensor]]:
     """Metadata and tensors, both validated (digest, finite values)."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .errors import AdaclipError, UsageError
-from .methods import deep_merge
 from .output import FORMATS, flatten, key_value_table, printable, stdout_console, write_json, write_records
 from .ui import log
 
@@ -32,7 +31,7 @@ app = typer.Typer(
         "adaclip predict pets.adaclip photo.jpg, or adaclip eval pets.adaclip ./images/test."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -43,8 +42,17 @@ _GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the adaclip version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (accepted anywhere on the line)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
@@ -84,8 +92,38 @@ def command(*args: Any, **kwargs: Any):
     return decorate
 
 
+# Shell completion (`adaclip --install-completion`) runs the program on every TAB: these read names
+# without importing torch (method names from source, backbone names from open_clip's config files).
+
+
+def _complete_from(names: list[str], incomplete: str) -> list[str]:
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def complete_method(incomplete: str) -> list[str]:
+    from .method_catalog import builtin_method_names
+
+    return _complete_from(builtin_method_names(), incomplete)
+
+
+def complete_backbone(incomplete: str) -> list[str]:
+    import importlib.util
+
+    names = ["lite"]
+    spec = importlib.util.find_spec("open_clip")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        names += sorted(p.stem for p in (Path(location) / "model_configs").glob("*.json"))
+    return _complete_from(names, incomplete)
+
+
 def _format_option(default: str, allowed: tuple[str, ...] = FORMATS) -> Any:
-    return typer.Option(default, "--format", "-f", help=f"Output format on stdout: {', '.join(allowed)}.")
+    return typer.Option(
+        default,
+        "--format",
+        "-f",
+        help=f"Output format on stdout: {', '.join(allowed)}.",
+        autocompletion=lambda incomplete: _complete_from(list(allowed), incomplete),
+    )
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
@@ -95,7 +133,11 @@ def _check_format(fmt: str, allowed: tuple[str, ...] = FORMATS) -> str:
 
 
 BackboneOpt = typer.Option(
-    None, "--backbone", "-b", help="open_clip model name, or `lite` (embedded, offline). Default ViT-B-16."
+    None,
+    "--backbone",
+    "-b",
+    help="open_clip model name, hf-hub:org/name, or `lite` (embedded, offline). Default ViT-B-16.",
+    autocompletion=complete_backbone,
 )
 PretrainedOpt = typer.Option(
     None,
@@ -164,7 +206,9 @@ def fit(
     data: Path = typer.Argument(
         ..., help="Image folder: root/<class>/<image>, or root/{train,val,test}/<class>/<image>."
     ),
-    method: str = typer.Option("adaring", "--method", "-m", help="Method to train; see `adaclip methods`."),
+    method: str = typer.Option(
+        "adaring", "--method", "-m", help="Method to train; see `adaclip methods`.", autocompletion=complete_method
+    ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Adapter file to write (default: <folder>.<method>.adaclip)."
     ),
@@ -220,6 +264,7 @@ def fit(
     from .adapter import fit as fit_adapter
     from .checkpoint import checkpoint_path_for
     from .distributed import context_from_env
+    from .methods import deep_merge
 
     _check_format(fmt, ("table", "json"))
     output = output or Path(f"{data.resolve().name or 'adapter'}.{method.replace('+', '-')}.adaclip")
@@ -540,7 +585,11 @@ def tta(
 def info(
     adapter_path: Path | None = typer.Argument(None, metavar="[ADAPTER]", help="An .adaclip file to describe."),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="Without ADAPTER: describe this method on a backbone."
+        None,
+        "--method",
+        "-m",
+        help="Without ADAPTER: describe this method on a backbone.",
+        autocompletion=complete_method,
     ),
     backbone: str | None = BackboneOpt,
     pretrained: str = typer.Option(
@@ -640,13 +689,10 @@ def export(
 @command()
 def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     """List the available methods."""
-    from .methods import method_registry
+    from .method_catalog import builtin_methods
 
     _check_format(fmt, ("table", "json"))
-    records = [
-        {"method": name, "class_agnostic": cls.class_agnostic, "summary": cls.summary}
-        for name, cls in sorted(method_registry().items())
-    ]
+    records = [{"method": m.name, "class_agnostic": m.class_agnostic, "summary": m.summary} for m in builtin_methods()]
     write_records(records, fmt if fmt == "json" else "table", ["method", "class_agnostic", "summary"], title="methods")
 
 

@@ -1,7 +1,7 @@
 """Method registry: `--method NAME` -> a pydantic config class whose `build()` makes the method's parts.
 
 Adding a method: write `adaclip/methods/<name>.py` with a `MethodConfig` subclass decorated with
-`@register_method`, and list the module in `_BUILTIN_MODULES`.
+`@register_method`, and list the module in `adaclip.method_catalog.BUILTIN_MODULES`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import UsageError
+from ..method_catalog import BUILTIN_MODULES
 from .base import (
     BuildContext,
     Component,
@@ -26,7 +27,6 @@ from .base import (
     register_method,
 )
 
-_BUILTIN_MODULES = ("zeroshot", "linear_probe", "adaring", "lora", "coop", "tip_adapter", "full_finetune", "rada")
 _loaded = False
 
 
@@ -34,7 +34,7 @@ def _load_builtin_methods() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in _BUILTIN_MODULES:
+        for module in BUILTIN_MODULES:
             importlib.import_module(f"{__name__}.{module}")
 
 
