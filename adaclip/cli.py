@@ -38,6 +38,7 @@ app = typer.Typer(
 )
 
 MAX_SKIP_WARNINGS = 20
+EXPORT_FORMATS = ("adaclip", "open_clip", "peft", "onnx")  # adaclip.interop.EXPORT_FORMATS (imports torch)
 _GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")
 _state = {"debug": False}
 
@@ -649,38 +650,66 @@ def _describe_method(method: str, backbone_name: str, pretrained: str, num_class
 @command()
 def export(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Adapter file to write."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="File to write (a folder for --format peft; ONNX also writes OUTPUT.json)."
+    ),
+    target: str = typer.Option(
+        "adaclip",
+        "--format",
+        "-f",
+        help="adaclip (with --merged), open_clip (state dict), peft (LoRA folder) or onnx (image classifier).",
+        autocompletion=lambda incomplete: _complete_from(list(EXPORT_FORMATS), incomplete),
+    ),
     merged: bool = typer.Option(
-        False, "--merged", help="Store per-layer matrices (AdaRing): predict skips reconstruction."
+        False, "--merged", help="--format adaclip: store per-layer matrices (AdaRing): predict skips reconstruction."
     ),
     pretrained: str | None = AdapterWeightsOpt,
-    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
-    fmt: str = _format_option("table", ("table", "json")),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    summary_fmt: str = typer.Option(
+        "table",
+        "--summary",
+        help="How the summary is printed on stdout: table or json.",
+        autocompletion=lambda incomplete: _complete_from(["table", "json"], incomplete),
+    ),
 ) -> None:
-    """Write an adapter in another form. With --merged, AdaRing's tensor rings are expanded into the
-    per-layer matrices they encode, so loading and predicting pay no reconstruction cost.
+    """Write an adapter in another form: merged, or for open_clip, Hugging Face PEFT or ONNX Runtime.
 
-    Example:
+    --format open_clip folds LoRA / full fine-tuning into the weights; load the file with
+    open_clip.create_model_and_transforms(NAME, pretrained=FILE). --format peft writes LoRA as a PEFT
+    adapter folder. --format onnx bakes the image tower, the method and its classes into one graph
+    (pixels -> logits). With --merged, AdaRing's tensor rings are expanded into the per-layer matrices
+    they encode, so loading and predicting pay no reconstruction cost.
+
+    Examples:
 
         adaclip export pets.adaclip --merged -o pets.merged.adaclip
+
+        adaclip export pets-lora.adaclip --format open_clip -o pets.safetensors
+
+        adaclip export pets.adaclip --format onnx -o pets.onnx
     """
     from .adapter import load
 
-    _check_format(fmt, ("table", "json"))
-    if not merged:
-        raise UsageError("nothing to do", fix="pass --merged")
-    if output.exists() and not force:
+    if target not in EXPORT_FORMATS:
+        raise UsageError(f"unknown --format {target!r}", fix=f"use one of: {', '.join(EXPORT_FORMATS)}")
+    _check_format(summary_fmt, ("table", "json"))
+    if target == "adaclip" and not merged:
+        raise UsageError("nothing to do", fix="pass --merged, or --format open_clip, peft or onnx")
+    if merged and target != "adaclip":
+        raise UsageError("--merged applies to --format adaclip only")
+    if target != "peft" and output.exists() and not force:
         raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
-    adapter = load(adapter_path, pretrained=pretrained, device="cpu")
-    path = adapter.merged().save(output, force=force)
-    summary = {
-        "input": str(adapter_path),
-        "output": str(path),
-        "merged": True,
-        "input_bytes": adapter_path.stat().st_size,
-        "output_bytes": path.stat().st_size,
-    }
-    if fmt == "json":
+    adapter = load(adapter_path, pretrained=pretrained, device="cpu", precision="fp32")
+    if target == "adaclip":
+        path = adapter.merged().save(output, force=force)
+        summary = {"format": "adaclip", "output": str(path), "merged": True, "output_bytes": path.stat().st_size}
+    else:
+        from . import interop
+
+        writer = {"open_clip": interop.export_open_clip, "peft": interop.export_peft, "onnx": interop.export_onnx}
+        summary = writer[target](adapter, output, force=force)
+    summary = {"input": str(adapter_path), "input_bytes": adapter_path.stat().st_size, **summary}
+    if summary_fmt == "json":
         write_json(summary)
     else:
         stdout_console().print(key_value_table(summary.items(), title="adaclip export"))

@@ -301,7 +301,7 @@ def test_cli_fit_info_and_merged_export(dataset, tmp_path):
     assert summary["trainable_params"] == sum(summary["parameter_breakdown"].values())
     assert json.loads(runner.invoke(app, ["info", str(ring), "-f", "json"]).stdout)["method_config"]["ranks"] == [2, 4]
     merged = tmp_path / "merged.adaclip"
-    export = runner.invoke(app, ["export", str(ring), "--merged", "-o", str(merged), "-f", "json"])
+    export = runner.invoke(app, ["export", str(ring), "--merged", "-o", str(merged), "--summary", "json"])
     assert export.exit_code == 0, export.output
     assert json.loads(export.stdout)["output_bytes"] == merged.stat().st_size
     again = runner.invoke(app, ["export", str(ring), "--merged", "-o", str(merged)])

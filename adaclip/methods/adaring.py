@@ -215,7 +215,7 @@ class AdaRingAdapters(Component):
                 return None
             w_down, w_up = self._weights(key)
             h = x.movedim(1, -1) if channel_dim == 1 else x  # channels last for the matmuls
-            h = F.layer_norm(h, (h.shape[-1],))
+            h = F.layer_norm(h, (int(h.shape[-1]),))  # a plain int: ONNX export traces the width as a constant
             h = self.activation(h @ w_down[layer].to(h.dtype)) @ w_up[layer].to(h.dtype)
             h = h * scale
             return h.movedim(-1, 1) if channel_dim == 1 else h
