@@ -30,7 +30,7 @@ from .adapter_file import (
 from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
 from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data, read_name_list
 from .distributed import context_from_env, device_for_rank, init_distributed
-from .errors import AdapterFileError, InputError, UsageError
+from .errors import AdapterFileError, InputError, UsageError, arg
 from .inference import encode_images, logits_in_batches, stream_predictions
 from .methods import make_method_config, method_config_class
 from .metrics import ClassificationReport, classification_report
@@ -469,7 +469,7 @@ def load(
             raise AdapterFileError(
                 f"this adapter was trained on a local checkpoint ({header.backbone.pretrained})",
                 path=path,
-                fix="pass --pretrained /path/to/that/checkpoint",
+                fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
             )
         backbone = create_backbone(
             header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
@@ -482,7 +482,8 @@ def load(
             fix="use the backbone and weights the adapter was trained with",
         )
     metadata, tensors = read_adapter_file(path)
-    model = AdaptedCLIP(backbone, config, metadata.class_names, metadata.templates, seed=metadata.seed)
+    with log.warnings_as_detail():  # what building the method warns about was said when it was fitted
+        model = AdaptedCLIP(backbone, config, metadata.class_names, metadata.templates, seed=metadata.seed)
     model.adapt_to_state(tensors)
     expected = model.adapter_state()
     missing = sorted(set(expected) - set(tensors))

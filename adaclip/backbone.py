@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from .errors import BackboneUnavailableError, UsageError
+from .errors import BackboneUnavailableError, UsageError, arg
 from .identity import BackboneIdentity, PreprocessConfig
 from .ui import log
 
@@ -203,7 +203,9 @@ def select_device(device: str | None = None) -> torch.device:
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}", fix="use auto, cpu, cuda, cuda:N or mps") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but CUDA is not available here", fix="use --device cpu")
+        raise UsageError(
+            f"{arg('device', device)} asked for, but CUDA is not available here", fix=f"use {arg('device', 'cpu')}"
+        )
     return chosen
 
 
@@ -214,7 +216,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {precision!r}", fix="use auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("fp16 needs a CUDA device", fix="use --precision fp32 or bf16")
+        raise UsageError("fp16 needs a CUDA device", fix=f"use {arg('precision', 'fp32')} or bf16")
     return precision
 
 
@@ -247,14 +249,14 @@ def create_backbone(
     if name not in open_clip.list_models():
         raise UsageError(
             f"unknown backbone {name!r}",
-            fix="see `python -c 'import open_clip; print(open_clip.list_models())'`, or use --backbone lite",
+            fix=f"see `python -c 'import open_clip; print(open_clip.list_models())'`, or use {arg('backbone', 'lite')}",
         )
     pretrained = pretrained or "none"
     create_kwargs: dict[str, Any] = {}
     checkpoint_sha = None
     if pretrained.lower() == "none":
         pretrained = "none"
-        log.warning(f"{name}: random weights (--pretrained none); predictions are meaningless")
+        log.warning(f"{name}: random weights ({arg('pretrained', 'none')}); predictions are meaningless")
         weights: str | None = None
     elif Path(pretrained).expanduser().is_file():
         path = Path(pretrained).expanduser()
@@ -325,7 +327,9 @@ def _create_lite(pretrained: str | None, device: torch.device, precision: str) -
                 f"this adaclip ships lite heads {version!r}, not {pretrained!r}",
                 fix="use the adaclip version that wrote the adapter, or refit it",
             )
-        raise UsageError(f"--pretrained {pretrained!r} does not apply to the lite backbone", fix="omit --pretrained")
+        raise UsageError(
+            f"{arg('pretrained', pretrained)} does not apply to the lite backbone", fix=f"omit {arg('pretrained')}"
+        )
     model, tokenizer, cfg = build_lite_model(device=device)
     preprocess = PreprocessConfig(**cfg)
     identity = BackboneIdentity(
@@ -366,7 +370,10 @@ def _resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None) -> tuple
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise UsageError(
             f"{tag!r} is neither a pretrained tag of {name} nor an existing file",
-            fix=f"tags for {name}: {', '.join(tags) or 'none'}; or give a checkpoint path, or --pretrained none",
+            fix=(
+                f"tags for {name}: {', '.join(tags) or 'none'}; "
+                f"or give a checkpoint path, or {arg('pretrained', 'none')}"
+            ),
         )
     # Loading a cached file by path skips open_clip's hub call (which retries for about a minute
     # offline), so the tag's preprocessing and activation settings are passed along explicitly.
@@ -386,8 +393,8 @@ def _resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None) -> tuple
         raise BackboneUnavailableError(
             f"cannot get {name}/{tag} weights: {reason} and they are not in the cache ({cache_dir or where})",
             fix=(
-                "pass --pretrained /path/to/checkpoint, point --cache-dir at a cache that has them, "
-                "download them once on a machine with network, or use --backbone lite"
+                f"pass {arg('pretrained', '/path/to/checkpoint')}, point {arg('cache_dir')} at a cache that has "
+                f"them, download them once on a machine with network, or use {arg('backbone', 'lite')}"
             ),
         )
     # Reachable: let open_clip download with its usual progress output.

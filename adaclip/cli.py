@@ -19,7 +19,7 @@ from typing import Any
 import typer
 
 from ._version import __version__
-from .errors import AdaclipError, UsageError
+from .errors import AdaclipError, UsageError, use_cli_names
 from .output import FORMATS, flatten, key_value_table, printable, stdout_console, write_json, write_records
 from .ui import log
 
@@ -59,7 +59,12 @@ def _global_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr."),
 ) -> None:
     _state["debug"] = debug or bool(os.environ.get("ADACLIP_DEBUG"))
+    use_cli_names()
     log.configure(quiet=quiet, verbose=verbose)
+    if quiet:
+        from .ui import set_progress
+
+        set_progress(False)
 
 
 def command(*args: Any, **kwargs: Any):

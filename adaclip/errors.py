@@ -58,3 +58,20 @@ class UnreadableImageError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+# Fixes name the option the user can change: `--pretrained` on the command line, `pretrained=` in Python.
+_surface = {"cli": False}
+
+
+def use_cli_names() -> None:
+    """Called by the CLI: from now on, fixes name command-line options."""
+    _surface["cli"] = True
+
+
+def arg(name: str, value: str | None = None) -> str:
+    """`arg("pretrained", "none")` -> "--pretrained none" (CLI) or "pretrained='none'" (Python API)."""
+    if _surface["cli"]:
+        flag = "--" + name.replace("_", "-")
+        return f"{flag} {value}" if value is not None else flag
+    return f"{name}={value!r}" if value is not None else f"{name}="

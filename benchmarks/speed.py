@@ -241,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from adaclip.backbone import select_device
-    from adaclip.errors import AdaclipError
+    from adaclip.errors import AdaclipError, use_cli_names
     from adaclip.methods import list_methods
+
+    use_cli_names()  # a command line: its errors name its options
 
     try:  # once, up front: otherwise every method's process fails alike and the table is all errors
         select_device(args.device)

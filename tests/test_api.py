@@ -141,3 +141,68 @@ def test_backbone_name_is_recorded(dataset, tiny_backbone):
     adapter = adaclip.fit(dataset, method="zeroshot", backbone=tiny_backbone)
     assert adapter.metadata.backbone.name == TINY
     assert adapter.metadata.backbone.pretrained == "none"
+
+
+def test_library_users_silence_and_redirect_adaclip_logging(dataset, tiny_backbone, capfd, caplog):
+    """adaclip logs through `logging` ("adaclip" logger): setLevel silences it, and handing its records
+    to the root logger routes them through the application's configuration."""
+    import logging
+
+    logger = logging.getLogger("adaclip")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    try:
+        adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone)
+        assert "zeroshot: 44 training images" in capfd.readouterr().err  # on by default, on stderr
+
+        logger.setLevel(logging.ERROR)
+        adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone)
+        assert capfd.readouterr().err == ""
+
+        logger.setLevel(logging.INFO)
+        logger.handlers.clear()
+        logger.propagate = True
+        with caplog.at_level(logging.INFO, logger="adaclip"):
+            adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone)
+        assert capfd.readouterr().err == ""  # not on stderr any more: the application's handlers have it
+        assert any(r.name == "adaclip" and "44 training images" in r.getMessage() for r in caplog.records)
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
+def test_progress_can_be_turned_off(monkeypatch):
+    from adaclip import ui
+
+    monkeypatch.delenv("ADACLIP_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(ui.stderr_console, "_force_terminal", True)
+    assert ui.progress_enabled()
+    adaclip.set_progress(False)
+    try:
+        assert not ui.progress_enabled()
+        with ui.progress("x", 3) as advance:
+            advance()  # a no-op, nothing drawn
+    finally:
+        adaclip.set_progress(True)
+
+
+def test_api_errors_name_the_api_argument(dataset, tiny_backbone, tmp_path):
+    """In Python the fix names `pretrained=`, not the CLI's --pretrained (tests/test_cli.py checks that)."""
+    from adaclip.errors import _surface
+
+    cli_state = _surface["cli"]
+    _surface["cli"] = False
+    try:
+        with pytest.raises(adaclip.UsageError) as caught:
+            adaclip.create_backbone(TINY, "no-such-tag", device="cpu")
+        assert "pretrained='none'" in caught.value.one_line() and "--pretrained" not in caught.value.one_line()
+    finally:
+        _surface["cli"] = cli_state
+
+
+def test_lora_on_lite_warns_at_fit_not_on_every_load(dataset, tmp_path, capfd):
+    adapter = adaclip.fit(dataset, "lora", backbone="lite", pretrained=None, epochs=0, device="cpu")
+    assert "no attention layer to adapt" in capfd.readouterr().err  # EfficientNet: said once, when fitting
+    path = adapter.save(tmp_path / "lite-lora.adaclip")
+    adaclip.load(path, device="cpu")
+    assert "no attention layer" not in capfd.readouterr().err
