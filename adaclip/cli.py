@@ -253,6 +253,20 @@ def fit(
     ),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep OUTPUT.ckpt after success."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower on GPU)."),
+    log_jsonl: Path | None = typer.Option(
+        None, "--log-jsonl", help="Also write one JSON object per epoch (loss, lr, accuracy, images/s) to FILE."
+    ),
+    tracker: str | None = typer.Option(
+        None,
+        "--tracker",
+        help="Also log to tensorboard or mlflow (extras adaclip[tensorboard] / adaclip[mlflow]).",
+        autocompletion=lambda incomplete: _complete_from(["tensorboard", "mlflow"], incomplete),
+    ),
+    tracker_dir: Path | None = typer.Option(
+        None,
+        "--tracker-dir",
+        help="The tracker's local store (default ./runs for tensorboard, ./mlruns for mlflow, holding mlflow.db).",
+    ),
     fmt: str = _format_option("table", ("table", "json")),
 ) -> None:
     """Train an adapter on a labelled image folder and write it to one `.adaclip` file.
@@ -284,29 +298,44 @@ def fit(
         raise UsageError(
             "a checkpoint of an interrupted run exists", path=checkpoint, fix="add --resume to continue it, or --force"
         )
-    adapter = fit_adapter(
-        data,
-        method,
-        backbone=backbone or "ViT-B-16",
-        pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
-        shots=shots,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        classes=classes,
-        templates=templates,
-        val_split=_parse_val_split(val_split),
-        device=device,
-        precision=precision,
-        config=overrides,
-        workers=workers,
-        cache_dir=cache_dir,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        deterministic=deterministic,
-    )
+    run_logs = []
+    if context_from_env().is_main and (log_jsonl or tracker):
+        from .tracking import open_run_logs
+
+        params = {"method": method, "backbone": backbone or "ViT-B-16", "seed": seed, "shots": shots, **overrides}
+        run_logs = open_run_logs(
+            jsonl=log_jsonl, tracker=tracker, tracker_dir=tracker_dir, run_name=output.name, params=params, force=force
+        )
+    try:
+        adapter = _fit_with_logs(
+            fit_adapter,
+            run_logs,
+            data,
+            method,
+            backbone=backbone or "ViT-B-16",
+            pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
+            shots=shots,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            classes=classes,
+            templates=templates,
+            val_split=_parse_val_split(val_split),
+            device=device,
+            precision=precision,
+            config=overrides,
+            workers=workers,
+            cache_dir=cache_dir,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            deterministic=deterministic,
+        )
+    except BaseException:
+        for run_log in run_logs:
+            run_log.close(None)
+        raise
     if not context_from_env().is_main:
         return  # under torchrun only rank 0 writes and reports
     path = adapter.save(output, force=force)
@@ -332,11 +361,23 @@ def fit(
         "file_bytes": path.stat().st_size,
         "seed": meta.seed,
     }
+    for run_log in run_logs:
+        run_log.close(summary)
     if fmt == "json":
         write_json(summary)
     else:
         shown = {k: v for k, v in summary.items() if k != "parameter_breakdown"}
         stdout_console().print(key_value_table(shown.items(), title="adaclip fit"))
+
+
+def _fit_with_logs(fit_adapter, run_logs, *args, **kwargs):
+    """`fit_adapter(*args, **kwargs)` with each epoch's record handed to the run logs."""
+
+    def on_epoch_end(epoch: int, record: dict) -> None:
+        for run_log in run_logs:
+            run_log.log_epoch(record)
+
+    return fit_adapter(*args, on_epoch_end=on_epoch_end if run_logs else None, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ predict

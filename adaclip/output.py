@@ -127,12 +127,19 @@ def _table_cell(value: Any) -> str:
     return printable(str(value))
 
 
+def _summary_cell(value: Any) -> str:
+    """One value of a summary, for people: 461.53, not 461.5300 (record tables keep aligned decimals)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4f}".rstrip("0").rstrip(".") or "0"
+    return _table_cell(value)
+
+
 def key_value_table(pairs: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in pairs:
-        table.add_row(key, _table_cell(value))
+        table.add_row(key, _summary_cell(value))
     return table
 
 

@@ -57,6 +57,8 @@ class TrainingOutcome:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
+# Called after each epoch with (epoch, record): the history entry (epoch, loss, train_accuracy,
+# val_accuracy, lr) plus step (global), seconds and images_per_second.
 EpochCallback = Callable[[int, dict], None]
 
 
@@ -261,13 +263,23 @@ def train(
                         and position.step_in_epoch < steps_per_epoch
                     ):
                         _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
+                images_seen = position.epoch_sums[2]
                 entry = _finish_epoch(model, position, scheduler, validator, epoch, cfg.epochs)
                 epoch_seconds.append(time.perf_counter() - epoch_start)
                 log.info(_epoch_line(entry, cfg.epochs, epoch_seconds[-1]))
                 if checkpoint is not None:
                     _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
                 if on_epoch_end is not None:
-                    on_epoch_end(epoch + 1, entry)
+                    seconds = epoch_seconds[-1]
+                    on_epoch_end(
+                        epoch + 1,
+                        {
+                            **entry,
+                            "step": position.global_step,
+                            "seconds": round(seconds, 4),
+                            "images_per_second": round(images_seen / seconds, 2) if seconds > 0 else None,
+                        },
+                    )
     except KeyboardInterrupt:
         where = f"epoch {position.epoch + 1}, step {position.step_in_epoch}"
         if checkpoint is not None and checkpoint.path.exists():
