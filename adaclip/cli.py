@@ -265,7 +265,7 @@ def fit(
     tracker_dir: Path | None = typer.Option(
         None,
         "--tracker-dir",
-        help="The tracker's local store (default ./runs for tensorboard, ./mlruns for mlflow, holding mlflow.db).",
+        help="The tracker's local store (default ./runs for tensorboard; ./mlruns, holding mlflow.db, for mlflow).",
     ),
     fmt: str = _format_option("table", ("table", "json")),
 ) -> None:
