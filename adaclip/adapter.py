@@ -246,8 +246,12 @@ class Adapter:
         classes_file: str | Path | None = None,
         batch_size: int = 64,
         workers: int | None = None,
+        keep_predictions: bool = False,
+        top_k: int = 5,
     ) -> ClassificationReport:
-        """Accuracy, macro-F1, per-class scores and confusion matrix on a labelled folder.
+        """Accuracy (acc1), top-5 accuracy (acc5), mean per-class recall, macro-F1, per-class scores and
+        confusion matrix on a labelled folder (`report.metrics` has CLIP_benchmark's key names). With
+        `keep_predictions`, `report.predictions` holds one record per image (path, true label, top_k).
 
         The folder's classes may be a subset of the adapter's (scored among all adapter classes), or,
         for class-agnostic methods, entirely new class names (scored among the folder's classes).
@@ -265,10 +269,29 @@ class Adapter:
             )
             if len(encoded.labels) == 0:
                 raise InputError("no readable images to evaluate", path=folder.root)
-            predictions = logits_in_batches(self.model, encoded.features).argmax(dim=-1).cpu()
+            logits = logits_in_batches(self.model, encoded.features).float().cpu()
+        predictions = logits.argmax(dim=-1)
         truth = torch.tensor([label_map[i] for i in encoded.labels.tolist()])
-        report = classification_report(truth, predictions, class_names)
+        report = classification_report(truth, predictions, class_names, scores=logits)
         report.skipped_images = len(encoded.skipped)
+        if keep_predictions:
+            probabilities = logits.softmax(dim=-1)
+            report.predictions = []
+            for row, index, true_index in zip(probabilities, encoded.indices.tolist(), truth.tolist(), strict=True):
+                scores, best = row.topk(max(1, min(top_k, len(class_names))))
+                report.predictions.append(
+                    {
+                        "path": str(folder.images[index].path),
+                        "true_label": class_names[true_index],
+                        "label": class_names[int(best[0])],
+                        "correct": int(best[0]) == true_index,
+                        "score": round(float(scores[0]), 6),
+                        "top_k": [
+                            {"label": class_names[int(i)], "score": round(float(v), 6)}
+                            for v, i in zip(scores.tolist(), best.tolist(), strict=True)
+                        ],
+                    }
+                )
         return report
 
     def _align_classes(self, folders: list[str], names: list[str]) -> tuple[list[int], list[str]]:

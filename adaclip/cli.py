@@ -474,7 +474,12 @@ def evaluate(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
     data: Path = typer.Argument(..., help="Labelled folder (uses test/ or val/ when the folder has splits)."),
     classes: Path | None = typer.Option(None, "--classes", help="Class display names for the folder's classes."),
-    fmt: str = _format_option("table", ("table", "json")),
+    fmt: str = _format_option("table", ("table", "json", "csv")),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to FILE."),
+    predictions_file: Path | None = typer.Option(
+        None, "--predictions", help="Write one JSON line per image (path, true label, top-k) to FILE.jsonl."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output / --predictions files."),
     batch_size: int = BatchOpt,
     workers: int | None = typer.Option(None, "--workers", help="Image decoding processes."),
     pretrained: str | None = AdapterWeightsOpt,
@@ -482,37 +487,64 @@ def evaluate(
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
 ) -> None:
-    """Accuracy, per-class accuracy, macro-F1 and confusion matrix on a labelled folder.
+    """acc1, acc5, mean per-class recall and macro-F1 (CLIP_benchmark's key names in JSON), per-class
+    scores and the confusion matrix on a labelled folder.
 
-    Example:
+    Examples:
 
-        adaclip eval pets.adaclip ./pets --format json
+        adaclip eval pets.adaclip ./pets --format json -o pets-eval.json
+
+        adaclip eval pets.adaclip ./pets --format csv --predictions per-image.jsonl
     """
-    from rich.table import Table
-
     from .adapter import load
     from .adapter_file import read_adapter_header
     from .data import prepare_eval_data
 
-    _check_format(fmt, ("table", "json"))
+    _check_format(fmt, ("table", "json", "csv"))
+    for path in (output, predictions_file):
+        if path is not None and path.exists() and not force:
+            raise UsageError("output file already exists", path=path, fix="choose another name or pass --force")
+        if path is not None and not path.parent.resolve().is_dir():
+            raise UsageError("output folder does not exist", path=path.parent)
     read_adapter_header(adapter_path)  # a missing or broken adapter, and bad data, fail before the backbone is built
     folder = prepare_eval_data(data, classes)
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     started = time.perf_counter()
-    report = adapter.evaluate(folder, batch_size=batch_size, workers=workers)
+    report = adapter.evaluate(folder, batch_size=batch_size, workers=workers, keep_predictions=bool(predictions_file))
     seconds = time.perf_counter() - started
     document = {"adapter": str(adapter_path), "method": adapter.method, "data": str(data), **report.to_dict()}
     document["seconds"] = round(seconds, 2)
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as handle:
+            write_json(document, handle)
+    if predictions_file is not None:
+        with open(predictions_file, "w", encoding="utf-8") as handle:
+            write_records(report.predictions or [], "jsonl", [], out=handle)
     if fmt == "json":
         write_json(document)
         return
+    if fmt == "csv":
+        row = {
+            "adapter": str(adapter_path),
+            "method": adapter.method,
+            "data": str(data),
+            **report.metrics,
+            "images": report.n_images,
+            "skipped": report.skipped_images,
+        }
+        write_records([row], "csv", list(row))
+        return
+    from rich.table import Table
+
     console = stdout_console()
     console.print(
         key_value_table(
             [
                 ("method", adapter.method),
                 ("images", report.n_images),
-                ("accuracy", report.accuracy),
+                ("accuracy (acc1)", report.accuracy),
+                ("top-5 accuracy (acc5)", report.top5_accuracy),
+                ("mean per-class recall", report.mean_per_class_recall),
                 ("macro F1", report.macro_f1),
                 ("skipped", report.skipped_images),
             ],
