@@ -33,7 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width (no mid-sentence breaks)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -84,7 +84,12 @@ def command(*args: Any, **kwargs: Any):
             except KeyboardInterrupt:
                 log.error("interrupted")
                 raise typer.Exit(130) from None
-            except (typer.Exit, typer.Abort, BrokenPipeError):
+            except BrokenPipeError:
+                # The reader went away (`| head`): stop quietly with 0, as shell tools do. Click would
+                # turn it into exit 1; later writes (and the flush at exit) go to /dev/null.
+                _silence_stdout()
+                raise typer.Exit(0) from None
+            except (typer.Exit, typer.Abort):
                 raise
             except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
                 if _state["debug"]:
@@ -825,7 +830,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="adaclip")
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, as shell tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         sys.exit(0)
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away: further writes go to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test runner's buffer)
+        pass

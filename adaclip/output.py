@@ -105,7 +105,8 @@ def write_records(
                 table.add_row(*(_table_cell(record.get(k)) for k in columns))
                 count += 1
         finally:
-            Console(file=out, highlight=False, soft_wrap=False).print(table)
+            if count:  # no rows: the reason is on stderr, an empty frame above it says nothing
+                Console(file=out, highlight=False, soft_wrap=False).print(table)
     return count
 
 

@@ -204,3 +204,43 @@ def test_real_subprocess_round_trip(dataset, tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_closed_pipe_exits_quietly_with_0(probe_file, dataset):
+    """`adaclip predict ... | head -1`: the reader leaves early; exit 0 with nothing on stderr but logs."""
+    folder = str(dataset / "test")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "adaclip", "predict", str(probe_file), *[folder] * 6, "-f", "jsonl", "-q"]
+        + ["--batch-size", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert json.loads(first)["path"] and stderr == ""
+
+
+def test_predict_on_only_missing_paths_prints_no_empty_table(probe_file, tmp_path):
+    result = cli("predict", str(probe_file), str(tmp_path / "missing.jpg"))
+    assert result.exit_code == 2 and result.stdout == ""
+
+
+def test_help_paragraphs_reflow_to_the_terminal(monkeypatch):
+    result = subprocess.run(
+        [sys.executable, "-m", "adaclip", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=60,
+    )
+    assert "a crash, the same command with --resume finishes" in result.stdout  # one line, not broken mid-sentence
+
+
+def test_summary_tables_round_for_people(probe_file):
+    result = cli("export", str(probe_file), "--format", "onnx", "-o", "/nonexistent/x.onnx")
+    assert result.exit_code == 2  # the output folder is checked before anything is written
+    from adaclip.output import _summary_cell
+
+    assert _summary_cell(461.53) == "461.53" and _summary_cell(2.0) == "2" and _summary_cell(0.12345) == "0.1235"
