@@ -384,7 +384,7 @@ def fit(
             "files_digest": training_data.files_digest,
             "class_names": training_data.class_names,
             "templates": template_list,
-            "backbone": backbone_obj.identity.model_dump(mode="json"),
+            "backbone": backbone_obj.identity.model_dump(mode="json", exclude={"checkpoint_hint"}),
         }
         policy = CheckpointPolicy(Path(checkpoint), checkpoint_every, resume, fingerprint)
     elif resume:
@@ -489,11 +489,16 @@ def load(
     if backbone is None:
         source = pretrained or header.backbone.pretrained
         if header.backbone.checkpoint_sha256 and pretrained is None:
-            raise AdapterFileError(
-                f"this adapter was trained on a local checkpoint ({header.backbone.pretrained})",
-                path=path,
-                fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
-            )
+            hint = header.backbone.checkpoint_hint
+            if not (hint and Path(hint).is_file()):
+                where = f", no longer at {hint}" if hint else ""
+                raise AdapterFileError(
+                    f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
+                    path=path,
+                    fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
+                )
+            log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
+            source = hint
         backbone = create_backbone(
             header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
         )

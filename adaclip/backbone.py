@@ -253,7 +253,7 @@ def create_backbone(
         )
     pretrained = pretrained or "none"
     create_kwargs: dict[str, Any] = {}
-    checkpoint_sha = None
+    checkpoint_sha = checkpoint_hint = None
     if pretrained.lower() == "none":
         pretrained = "none"
         log.warning(f"{name}: random weights ({arg('pretrained', 'none')}); predictions are meaningless")
@@ -262,6 +262,7 @@ def create_backbone(
         path = Path(pretrained).expanduser()
         weights = str(path)
         checkpoint_sha = file_sha256(path)
+        checkpoint_hint = str(path.resolve())
         pretrained = path.name
     else:
         weights, create_kwargs = _resolve_pretrained_tag(name, pretrained, cache_dir)
@@ -296,6 +297,7 @@ def create_backbone(
         name=name,
         pretrained=pretrained,
         checkpoint_sha256=checkpoint_sha,
+        checkpoint_hint=checkpoint_hint,
         embed_dim=embed_dim,
         image_size=size,
     )

@@ -28,6 +28,9 @@ class BackboneIdentity(BaseModel):
     name: str
     pretrained: str  # an open_clip tag, "none", or a checkpoint file name
     checkpoint_sha256: str | None = None  # set when pretrained is a local file
+    # Where that file was (absolute): a hint for predict/eval to find it again; the sha256 is the proof.
+    # Not part of what must match.
+    checkpoint_hint: str | None = None
     embed_dim: int
     image_size: int
 

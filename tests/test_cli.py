@@ -153,8 +153,18 @@ def test_wrong_backbone_checkpoint_is_refused(dataset, tiny_backbone, tmp_path):
     out = tmp_path / "zs.adaclip"
     fit = cli("fit", str(dataset), "-m", "zeroshot", "-o", str(out), "-b", TINY, "-p", str(trained_on))
     assert fit.exit_code == 0, fit.output
+    remembered = cli("predict", str(out), str(dataset / "test"), "-f", "jsonl")  # the recorded path, sha256-checked
+    assert remembered.exit_code == 0 and len(remembered.stdout.splitlines()) == 24
+    assert str(trained_on) in remembered.stderr
+    changed = trained_on.read_bytes()
+    trained_on.write_bytes(other.read_bytes())  # same path, other weights: the sha256 refuses them
+    swapped = cli("predict", str(out), str(dataset / "test"))
+    assert swapped.exit_code == 2 and "does not match: checkpoint sha256" in swapped.stderr
+    trained_on.unlink()
     no_weights = cli("predict", str(out), str(dataset / "test"))
     assert no_weights.exit_code == 2 and "pass --pretrained" in no_weights.stderr
+    assert f"no longer at {trained_on}" in no_weights.stderr
+    trained_on.write_bytes(changed)
     wrong = cli("predict", str(out), str(dataset / "test"), "-p", str(other))
     assert wrong.exit_code == 2
     assert "does not match: checkpoint sha256" in wrong.stderr
