@@ -9,11 +9,16 @@ Library entry points (the CLI is a thin layer over these):
     adaclip.list_methods() -> list[str]
 """
 
-from ._version import __version__
-from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter
-from .backbone import Backbone, create_backbone
-from .errors import AdaclipError, AdapterFileError, BackboneUnavailableError, InputError, UsageError
-from .methods import list_methods
+from ._interrupt import exit_130_until_started, started_as_command
+
+if started_as_command():  # before the seconds of torch imports below: Ctrl-C must not print a traceback
+    exit_130_until_started()
+
+from ._version import __version__  # noqa: E402
+from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter  # noqa: E402
+from .backbone import Backbone, create_backbone  # noqa: E402
+from .errors import AdaclipError, AdapterFileError, BackboneUnavailableError, InputError, UsageError  # noqa: E402
+from .methods import list_methods  # noqa: E402
 
 __all__ = [
     "AdaclipError",

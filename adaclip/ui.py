@@ -20,6 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .output import printable
+
 stderr_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -32,20 +34,22 @@ class Log:
     def configure(self, *, quiet: bool = False, verbose: bool = False) -> None:
         self.level = 0 if quiet else 2 if verbose else 1
 
+    # Messages name user files: control characters in them are escaped (see output.printable).
+
     def info(self, message: str) -> None:
         if self.level >= 1:
-            stderr_console.print(message, markup=False)
+            stderr_console.print(printable(message, keep_newlines=True), markup=False)
 
     def detail(self, message: str) -> None:
         if self.level >= 2:
-            stderr_console.print(message, markup=False, style="dim")
+            stderr_console.print(printable(message, keep_newlines=True), markup=False, style="dim")
 
     def warning(self, message: str) -> None:
         if self.level >= 1:
-            stderr_console.print(f"warning: {message}", markup=False, style="yellow")
+            stderr_console.print(f"warning: {printable(message, keep_newlines=True)}", markup=False, style="yellow")
 
     def error(self, message: str) -> None:
-        stderr_console.print(f"error: {message}", markup=False, style="bold red")
+        stderr_console.print(f"error: {printable(message, keep_newlines=True)}", markup=False, style="bold red")
 
 
 log = Log()
