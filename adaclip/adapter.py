@@ -414,7 +414,10 @@ def fit(
         checkpoint=policy,
         on_epoch_end=on_epoch_end,
     )
-    metadata = metadata.model_copy(update={"created_at": created_at_now(), "training": outcome.record})
+    # Some heads create their parameters while training (Tip-Adapter-F's cache keys): count them after.
+    metadata = metadata.model_copy(
+        update={"created_at": created_at_now(), "training": outcome.record, "trainable_params": model.n_trainable()}
+    )
     return Adapter(model, metadata, fit_seconds=outcome.seconds)
 
 
