@@ -22,15 +22,26 @@ from PIL import Image
 from .adapter_file import (
     AdapterMetadata,
     DataRecord,
+    check_writable_metadata,
     created_at_now,
     read_adapter_file,
     read_adapter_header,
     write_adapter_file,
 )
 from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
-from .data import ImageFolder, iter_input_paths, prepare_eval_data, prepare_training_data, read_name_list
+from .checks import check_count, check_seed
+from .data import (
+    ImageFolder,
+    check_class_names,
+    check_classes_readable,
+    iter_input_paths,
+    prepare_eval_data,
+    prepare_training_data,
+    read_name_list,
+)
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError, arg
+from .files import check_output_path
 from .inference import encode_images, logits_in_batches, stream_predictions
 from .methods import make_method_config, method_config_class
 from .metrics import ClassificationReport, classification_report
@@ -159,6 +170,7 @@ class Adapter:
         batch_size: int = 64,
     ) -> list[Prediction]:
         """Predict labels for image paths, folders, globs or PIL images (unreadable files get `error`)."""
+        check_count(batch_size, "--batch-size")
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         pil = [im for im in images if isinstance(im, Image.Image)]
@@ -176,6 +188,10 @@ class Adapter:
 
     def iter_predict(self, paths: Iterable[Path], *, top_k: int = 5, batch_size: int = 64) -> Iterator[Prediction]:
         """Stream predictions in input order with bounded memory; unreadable images yield an error record."""
+        check_count(batch_size, "--batch-size")
+        return self._iter_predict(paths, top_k, batch_size)
+
+    def _iter_predict(self, paths: Iterable[Path], top_k: int, batch_size: int) -> Iterator[Prediction]:
         transform = self.backbone.eval_transform()
         for item in stream_predictions(self.model, paths, transform, batch_size=batch_size):
             if item.probabilities is None:
@@ -256,6 +272,8 @@ class Adapter:
         The folder's classes may be a subset of the adapter's (scored among all adapter classes), or,
         for class-agnostic methods, entirely new class names (scored among the folder's classes).
         """
+        check_count(batch_size, "--batch-size")
+        check_count(workers, "--workers", minimum=0, optional=True)
         folder = data if isinstance(data, ImageFolder) else prepare_eval_data(data, classes_file)
         label_map, class_names = self._align_classes(folder.folders, folder.class_names)
         with self.classes(class_names):
@@ -351,12 +369,19 @@ def fit(
     steps); `resume=True` continues from it. Under torchrun, every process calls fit() and gets the same
     adapter; only rank 0 should save it (`adaclip fit` does this).
     """
+    # Everything that can be refused is refused here, before the backbone is built or a step is taken.
+    check_seed(seed)
+    check_count(workers, "--workers", minimum=0, optional=True)
+    created_at_now()  # a SOURCE_DATE_EPOCH that is not a time fails now, not at save
+    if checkpoint is not None:
+        check_output_path(checkpoint, force=True)
     overrides = _merge_train_overrides({**(config or {}), **settings}, epochs=epochs, batch_size=batch_size, lr=lr)
     method_config = make_method_config(method, overrides)
     template_list = resolve_templates(templates)
     training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
     for note in training_data.notes:
         log.warning(note)
+    check_classes_readable(training_data)
     dist_ctx = context_from_env()
     if not dist_ctx.is_main:
         log.configure(quiet=True)  # one voice: rank 0 reports for all processes
@@ -389,15 +414,6 @@ def fit(
         policy = CheckpointPolicy(Path(checkpoint), checkpoint_every, resume, fingerprint)
     elif resume:
         raise UsageError("resume needs a checkpoint path")
-    outcome = train(
-        model,
-        training_data,
-        seed=seed,
-        workers=workers,
-        dist_ctx=dist_ctx,
-        checkpoint=policy,
-        on_epoch_end=on_epoch_end,
-    )
     metadata = AdapterMetadata(
         created_at=created_at_now(),
         backbone=backbone_obj.identity,
@@ -410,7 +426,20 @@ def fit(
         seed=seed,
         trainable_params=model.n_trainable(),
         data=DataRecord(**training_data.describe()),
-        training=outcome.record,
+    )
+    check_writable_metadata(metadata)  # what the file records must encode: known now, not after training
+    outcome = train(
+        model,
+        training_data,
+        seed=seed,
+        workers=workers,
+        dist_ctx=dist_ctx,
+        checkpoint=policy,
+        on_epoch_end=on_epoch_end,
+    )
+    # Some heads create their parameters while training (Tip-Adapter-F's cache keys): count them after.
+    metadata = metadata.model_copy(
+        update={"created_at": created_at_now(), "training": outcome.record, "trainable_params": model.n_trainable()}
     )
     return Adapter(model, metadata, fit_seconds=outcome.seconds)
 
@@ -444,6 +473,7 @@ def zero_shot_adapter(
     """A zero-shot adapter for a list of class names (or a class file): nothing trained, a valid file."""
     if isinstance(class_names, (str, Path)):
         class_names = read_name_list(Path(class_names))
+    check_class_names(list(class_names), "the class list")
     if len(class_names) < 2:
         raise InputError("zero-shot classification needs at least 2 class names")
     backbone_obj = (

@@ -7,10 +7,14 @@ scheduler's other values, the position in training (epoch, step within it), the 
 fingerprint of the run (method, config, seed, backbone, training files). Resuming refuses a checkpoint
 whose fingerprint differs. Epoch orders and augmentations are derived from (seed, epoch, image), so the
 position is all the loop needs to pick up exactly where it stopped, on any number of processes.
+
+Like adapter files, a checkpoint carries a sha256 of its JSON document and of its tensor data, and
+its floating tensors must be finite: a damaged checkpoint is refused instead of resumed from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +22,18 @@ from typing import Any
 
 import torch
 
-from .adapter_file import _read_raw_header, atomic_write, serialize_safetensors
+from .adapter_file import (
+    _read_raw_header,
+    atomic_write,
+    check_finite,
+    read_tensors,
+    serialize_safetensors,
+    tensor_digest,
+)
 from .errors import AdapterFileError, UsageError
 
 CHECKPOINT_SUFFIX = ".ckpt"
-CHECKPOINT_FORMAT = "adaclip-checkpoint/1"
+CHECKPOINT_FORMAT = "adaclip-checkpoint/2"  # /2: digests of the document and the tensors
 
 
 def checkpoint_path_for(output: str | Path) -> Path:
@@ -95,8 +106,14 @@ def save_checkpoint(
         "scheduler": _flatten(scheduler.state_dict(), "scheduler", tensors),
         "rng": _flatten(rng, "rng", tensors),
     }
+    document["tensors_sha256"] = tensor_digest(tensors)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    return atomic_write(path, serialize_safetensors(tensors, {"adaclip_checkpoint": text}))
+    header = {"adaclip_checkpoint": text, "adaclip_checkpoint_sha256": _text_digest(text)}
+    return atomic_write(path, serialize_safetensors(tensors, header))
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
@@ -110,20 +127,28 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> LoadedCheckpoint:
     """Read a checkpoint and check it belongs to this run."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.exists():
         raise UsageError("no checkpoint to resume from", path=path, fix="run without --resume to start over")
-    header = _read_raw_header(path)
-    text = (header.get("__metadata__") or {}).get("adaclip_checkpoint")
+    header = _read_raw_header(path, "checkpoint")
+    raw = header.get("__metadata__") or {}
+    text = raw.get("adaclip_checkpoint")
     try:
         document = json.loads(text) if isinstance(text, str) else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         document = None
-    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(document, dict) or not str(document.get("format", "")).startswith("adaclip-checkpoint/"):
         raise AdapterFileError("not an adaclip training checkpoint", path=path)
-    saved = document["fingerprint"]
+    if document["format"] != CHECKPOINT_FORMAT:
+        raise AdapterFileError(
+            f"checkpoint format {document['format']!r} is not {CHECKPOINT_FORMAT!r} (another adaclip version)",
+            path=path,
+            fix="resume with the adaclip that wrote it, or delete the checkpoint to start over",
+        )
+    if raw.get("adaclip_checkpoint_sha256") != _text_digest(text):
+        raise AdapterFileError("checkpoint was modified or damaged (metadata digest mismatch)", path=path)
+    saved = document.get("fingerprint")
+    if not isinstance(saved, dict):
+        raise AdapterFileError("checkpoint is damaged (no run fingerprint)", path=path)
     differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differing:
         raise UsageError(
@@ -131,18 +156,27 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> LoadedCheckpoint
             path=path,
             fix="resume with the same data, method, settings and seed, or delete the checkpoint to start over",
         )
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise AdapterFileError(f"checkpoint is truncated or corrupt ({exc})", path=path) from None
+    tensors = read_tensors(path, "checkpoint")
+    if tensor_digest(tensors) != document.get("tensors_sha256"):
+        raise AdapterFileError("checkpoint tensor data does not match its digest (damaged)", path=path)
+    check_finite(tensors, "checkpoint tensor {name} contains NaN or infinite values", path, AdapterFileError)
     prefix = "model."
-    return LoadedCheckpoint(
-        model_state={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
-        optimizer_state=_unflatten(document["optimizer"], tensors),
-        scheduler_state=_unflatten(document["scheduler"], tensors),
-        rng=_unflatten(document["rng"], tensors),
-        position=TrainingPosition(**document["position"]),
-    )
+    try:
+        return LoadedCheckpoint(
+            model_state={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            optimizer_state=_unflatten(document["optimizer"], tensors),
+            scheduler_state=_unflatten(document["scheduler"], tensors),
+            rng=_unflatten(document["rng"], tensors),
+            position=TrainingPosition(**document["position"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AdapterFileError(f"checkpoint is damaged ({type(exc).__name__}: {exc})", path=path) from None
+
+
+def checkpoint_does_not_fit(path: Path, exc: Exception) -> AdapterFileError:
+    """A checkpoint whose states the model, optimizer or scheduler refuse (missing or extra keys)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return AdapterFileError(f"checkpoint does not fit this run ({first})", path=path, fix="delete it to start over")
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from ._version import __version__
+from .checks import check_count
 from .errors import AdaclipError, UsageError, use_cli_names
 from .output import FORMATS, flatten, key_value_table, printable, stdout_console, write_json, write_records
 from .ui import log
@@ -293,86 +294,107 @@ def fit(
 
     _check_format(fmt, ("table", "json"))
     output = output or Path(f"{data.resolve().name or 'adapter'}.{method.replace('+', '-')}.adaclip")
-    if output.exists() and not force:
-        raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
-    if not output.parent.resolve().is_dir():
-        raise UsageError("output folder does not exist", path=output.parent)
-    overrides = deep_merge(_read_config_file(config), parse_settings(settings))
-    checkpoint = checkpoint_path_for(output)
-    if checkpoint.exists() and not resume and not force:
-        raise UsageError(
-            "a checkpoint of an interrupted run exists", path=checkpoint, fix="add --resume to continue it, or --force"
-        )
-    run_logs = []
-    if context_from_env().is_main and (log_jsonl or tracker):
-        from .tracking import open_run_logs
+    main_rank = context_from_env().is_main
+    # Checked and locked before anything is read or built; a second fit to the same -o fails here.
+    with _claimed_output(output, force=force, inputs=[data], lock=main_rank):
+        overrides = deep_merge(_read_config_file(config), parse_settings(settings))
+        checkpoint = checkpoint_path_for(output)
+        if checkpoint.is_dir():
+            raise UsageError("the checkpoint path is a folder", path=checkpoint, fix="choose another -o")
+        if checkpoint.exists() and not resume and not force:
+            raise UsageError(
+                "a checkpoint of an interrupted run exists",
+                path=checkpoint,
+                fix="add --resume to continue it, or --force",
+            )
+        run_logs = []
+        if main_rank and (log_jsonl or tracker):
+            from .tracking import open_run_logs
 
-        params = {"method": method, "backbone": backbone or "ViT-B-16", "seed": seed, "shots": shots, **overrides}
-        run_logs = open_run_logs(
-            jsonl=log_jsonl, tracker=tracker, tracker_dir=tracker_dir, run_name=output.name, params=params, force=force
-        )
-    try:
-        adapter = _fit_with_logs(
-            fit_adapter,
-            run_logs,
-            data,
-            method,
-            backbone=backbone or "ViT-B-16",
-            pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
-            shots=shots,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            classes=classes,
-            templates=templates,
-            val_split=_parse_val_split(val_split),
-            device=device,
-            precision=precision,
-            config=overrides,
-            workers=workers,
-            cache_dir=cache_dir,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            deterministic=deterministic,
-        )
-    except BaseException:
+            params = {"method": method, "backbone": backbone or "ViT-B-16", "seed": seed, "shots": shots, **overrides}
+            run_logs = open_run_logs(
+                jsonl=log_jsonl,
+                tracker=tracker,
+                tracker_dir=tracker_dir,
+                run_name=output.name,
+                params=params,
+                force=force,
+            )
+        try:
+            adapter = _fit_with_logs(
+                fit_adapter,
+                run_logs,
+                data,
+                method,
+                backbone=backbone or "ViT-B-16",
+                pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
+                shots=shots,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                classes=classes,
+                templates=templates,
+                val_split=_parse_val_split(val_split),
+                device=device,
+                precision=precision,
+                config=overrides,
+                workers=workers,
+                cache_dir=cache_dir,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+                deterministic=deterministic,
+            )
+        except BaseException:
+            for run_log in run_logs:
+                run_log.close(None)
+            raise
+        if not main_rank:
+            return  # under torchrun only rank 0 writes and reports
+        path = adapter.save(output, force=force)
+        if not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)
+        meta = adapter.metadata
+        training = meta.training
+        summary = {
+            "output": str(path),
+            "method": meta.method,
+            "backbone": meta.backbone.describe(),
+            "classes": len(meta.class_names),
+            "train_images": meta.data.n_train if meta.data else None,
+            "val_images": meta.data.n_val if meta.data else None,
+            "trainable_params": meta.trainable_params,
+            "parameter_breakdown": adapter.model.parameter_breakdown(),
+            "epochs": training.epochs if training else 0,
+            "steps": training.steps if training else 0,
+            "final_loss": training.final_loss if training else None,
+            "val_accuracy": training.val_accuracy if training else None,
+            "skipped_images": training.skipped_images if training else 0,
+            "seconds": round(adapter.fit_seconds or 0.0, 2),
+            "file_bytes": path.stat().st_size,
+            "seed": meta.seed,
+        }
         for run_log in run_logs:
-            run_log.close(None)
-        raise
-    if not context_from_env().is_main:
-        return  # under torchrun only rank 0 writes and reports
-    path = adapter.save(output, force=force)
-    if not keep_checkpoint:
-        checkpoint.unlink(missing_ok=True)
-    meta = adapter.metadata
-    training = meta.training
-    summary = {
-        "output": str(path),
-        "method": meta.method,
-        "backbone": meta.backbone.describe(),
-        "classes": len(meta.class_names),
-        "train_images": meta.data.n_train if meta.data else None,
-        "val_images": meta.data.n_val if meta.data else None,
-        "trainable_params": meta.trainable_params,
-        "parameter_breakdown": adapter.model.parameter_breakdown(),
-        "epochs": training.epochs if training else 0,
-        "steps": training.steps if training else 0,
-        "final_loss": training.final_loss if training else None,
-        "val_accuracy": training.val_accuracy if training else None,
-        "skipped_images": training.skipped_images if training else 0,
-        "seconds": round(adapter.fit_seconds or 0.0, 2),
-        "file_bytes": path.stat().st_size,
-        "seed": meta.seed,
-    }
-    for run_log in run_logs:
-        run_log.close(summary)
-    if fmt == "json":
-        write_json(summary)
-    else:
-        shown = {k: v for k, v in summary.items() if k != "parameter_breakdown"}
-        stdout_console().print(key_value_table(shown.items(), title="adaclip fit"))
+            run_log.close(summary)
+        if fmt == "json":
+            write_json(summary)
+        else:
+            shown = {k: v for k, v in summary.items() if k != "parameter_breakdown"}
+            stdout_console().print(key_value_table(shown.items(), title="adaclip fit"))
+
+
+def _claimed_output(output: Path | None, *, force: bool, inputs: list[Path], lock: bool = True):
+    """Check an output path before any work, then hold its lock while the command produces it (the
+    shared check of every command that writes a file; no -o: nothing to check)."""
+    import contextlib
+
+    from .files import check_output_path, claim_output
+
+    if output is None:
+        return contextlib.nullcontext()
+    check_output_path(output, force=force, inputs=inputs)
+    return claim_output(output) if lock else contextlib.nullcontext(output)
 
 
 def _fit_with_logs(fit_adapter, run_logs, *args, **kwargs):
@@ -421,8 +443,9 @@ def predict(
     _check_format(fmt)
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
+    check_count(batch_size, "--batch-size")
+    class_names = read_name_list(classes) if classes else None  # a bad class list fails before loading
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
-    class_names = read_name_list(classes) if classes else None
     counts = {"ok": 0, "skipped": 0}
     predictions = adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size)
     with adapter.classes(class_names):
@@ -512,6 +535,8 @@ def evaluate(
         if path is not None and not path.parent.resolve().is_dir():
             raise UsageError("output folder does not exist", path=path.parent)
     read_adapter_header(adapter_path)  # a missing or broken adapter, and bad data, fail before the backbone is built
+    check_count(batch_size, "--batch-size")
+    check_count(workers, "--workers", minimum=0, optional=True)
     folder = prepare_eval_data(data, classes)
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     started = time.perf_counter()
@@ -631,35 +656,31 @@ def tta(
         raise UsageError("--top-k must be at least 1")
     if labels and labels_csv:
         raise UsageError("give --labels or --labels-csv, not both")
-    if output is not None:
-        if output.exists() and not force:
-            raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
-        if not output.parent.resolve().is_dir():
-            raise UsageError("output folder does not exist", path=output.parent)
-    tta_settings = make_tta_settings(
-        **parse_settings(settings), mode=mode, steps=steps, views=views, lr=lr, batch_size=batch_size, seed=seed
-    )
-    images = list_tta_images(folder)  # bad input fails before the backbone is built
-    adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
-    if output is not None:
-        if tta_settings.mode == "tda":
-            raise UsageError("--mode tda keeps no adapter state to write", fix="drop -o")
-        output_method(adapter)  # refuse before adapting, not after
-    truth = resolve_labels(adapter, folder, images, "folders" if labels else labels_csv)
-    run = TestTimeAdaptation(adapter, tta_settings)
-    counts = {"ok": 0, "skipped": 0}
-    write_records(
-        prediction_records(run.run(images, truth, top_k=top_k), fmt, counts),
-        fmt,
-        prediction_columns(fmt, top_k, true_label=truth is not None),
-        title=f"tta ({tta_settings.mode}) predictions",
-    )
-    log.info(run.summary_line())
-    if counts["ok"] == 0:
-        raise UsageError("no readable images in the folder", path=folder)
-    if output is not None:
-        path = run.adapted_adapter(adapter_path.name).save(output, force=force)
-        log.info(f"wrote {path}")
+    with _claimed_output(output, force=force, inputs=[folder, adapter_path]):
+        tta_settings = make_tta_settings(
+            **parse_settings(settings), mode=mode, steps=steps, views=views, lr=lr, batch_size=batch_size, seed=seed
+        )
+        images = list_tta_images(folder)  # bad input fails before the backbone is built
+        adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+        if output is not None:
+            if tta_settings.mode == "tda":
+                raise UsageError("--mode tda keeps no adapter state to write", fix="drop -o")
+            output_method(adapter)  # refuse before adapting, not after
+        truth = resolve_labels(adapter, folder, images, "folders" if labels else labels_csv)
+        run = TestTimeAdaptation(adapter, tta_settings)
+        counts = {"ok": 0, "skipped": 0}
+        write_records(
+            prediction_records(run.run(images, truth, top_k=top_k), fmt, counts),
+            fmt,
+            prediction_columns(fmt, top_k, true_label=truth is not None),
+            title=f"tta ({tta_settings.mode}) predictions",
+        )
+        log.info(run.summary_line())
+        if counts["ok"] == 0:
+            raise UsageError("no readable images in the folder", path=folder)
+        if output is not None:
+            path = run.adapted_adapter(adapter_path.name).save(output, force=force)
+            log.info(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -780,17 +801,18 @@ def export(
         raise UsageError("nothing to do", fix="pass --merged, or --format open_clip, peft or onnx")
     if merged and target != "adaclip":
         raise UsageError("--merged applies to --format adaclip only")
-    if target != "peft" and output.exists() and not force:
-        raise UsageError("output file already exists", path=output, fix="choose another -o or pass --force")
-    adapter = load(adapter_path, pretrained=pretrained, device="cpu", precision="fp32")
-    if target == "adaclip":
-        path = adapter.merged().save(output, force=force)
-        summary = {"format": "adaclip", "output": str(path), "merged": True, "output_bytes": path.stat().st_size}
-    else:
-        from . import interop
+    # PEFT writes a folder of its own layout; every other target is one file, checked and locked here.
+    claimed = _claimed_output(None if target == "peft" else output, force=force, inputs=[adapter_path])
+    with claimed:
+        adapter = load(adapter_path, pretrained=pretrained, device="cpu", precision="fp32")
+        if target == "adaclip":
+            path = adapter.merged().save(output, force=force)
+            summary = {"format": "adaclip", "output": str(path), "merged": True, "output_bytes": path.stat().st_size}
+        else:
+            from . import interop
 
-        writer = {"open_clip": interop.export_open_clip, "peft": interop.export_peft, "onnx": interop.export_onnx}
-        summary = writer[target](adapter, output, force=force)
+            writer = {"open_clip": interop.export_open_clip, "peft": interop.export_peft, "onnx": interop.export_onnx}
+            summary = writer[target](adapter, output, force=force)
     summary = {"input": str(adapter_path), "input_bytes": adapter_path.stat().st_size, **summary}
     if summary_fmt == "json":
         write_json(summary)
@@ -826,9 +848,16 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ._interrupt import exit_130_until_started, interrupts_raise
+
+    exit_130_until_started()
     argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
+        interrupts_raise()  # the commands catch KeyboardInterrupt from here on
         app(args=argv, prog_name="adaclip")
+    except KeyboardInterrupt:  # outside a command (parsing options, writing its output): still one line
+        log.error("interrupted")
+        sys.exit(130)
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .checks import class_name_problem
 from .errors import InputError, UnreadableImageError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file, load_image
 
@@ -74,7 +75,7 @@ class TrainingData:
 
     def describe(self) -> dict:
         return {
-            "root_name": self.root.name,
+            "root_name": record_name(self.root.name),
             "n_classes": len(self.folders),
             "n_train": len(self.train),
             "n_val": len(self.val),
@@ -89,8 +90,53 @@ class TrainingData:
 
 
 def class_name_from_folder(folder: str) -> str:
-    """`golden_retriever` -> `golden retriever`; `t-shirt` -> `t shirt`."""
-    return " ".join(folder.replace("_", " ").replace("-", " ").split())
+    """`golden_retriever` -> `golden retriever`; `t-shirt` -> `t shirt`. Bytes that are not UTF-8 show as
+    `\\xNN` (a display name need not round-trip; the recorded folder name does)."""
+    shown = folder.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return " ".join(shown.replace("_", " ").replace("-", " ").split())
+
+
+def record_name(name: str) -> str:
+    """A file or folder name as adaclip records it (adapter files are UTF-8 JSON): unchanged when it is
+    valid UTF-8 without backslashes; otherwise each byte that is not UTF-8 (a surrogateescape
+    character) becomes `\\xNN` and a backslash `\\\\`, so the record always encodes and maps back to
+    exactly one name (`name_from_record`)."""
+    if "\\" not in name and not _has_surrogates(name):
+        return name
+    return "".join(
+        "\\\\" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in name
+    )
+
+
+def name_from_record(recorded: str) -> str:
+    """The inverse of `record_name`: the name as the file system gives it (surrogateescape)."""
+    if "\\" not in recorded:
+        return recorded
+    out, i = [], 0
+    while i < len(recorded):
+        if recorded.startswith("\\\\", i):
+            out.append("\\")
+            i += 2
+        elif recorded.startswith("\\x", i) and i + 4 <= len(recorded):
+            out.append(chr(0xDC00 + int(recorded[i + 2 : i + 4], 16)))
+            i += 4
+        else:
+            out.append(recorded[i])
+            i += 1
+    return "".join(out)
+
+
+def path_from_record(root: str | Path, recorded: str) -> Path:
+    """The file a recorded relative path (e.g. from an adapter's `data.files`) names under `root`."""
+    return Path(root, name_from_record(recorded))
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _visible_subdirs(path: Path) -> list[Path]:
@@ -109,22 +155,47 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """All visible image files under `folder`, recursively, sorted; symlink loops cannot recurse forever.
+    """All visible image files under `folder`, recursively, sorted; symlink loops cannot recurse forever."""
+    return _walk_images([Path(folder)])[0]
 
-    Directory symlinks are followed once per real directory, so a link back to a parent is harmless.
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_images(roots: list[Path], dataset_root: Path | None = None) -> list[list[Path]]:
+    """Image files under each of `roots` (the class folders of one dataset), as one guarded walk.
+
+    Per dataset, by real path: a directory symlink to a folder of the dataset (another class, or a
+    parent: a loop) is not followed, since that content is walked where it really is; one to a folder
+    outside is followed once. An image reached twice (a file symlink, two links to one folder) is
+    listed once, under the class folder it really lies in, by the path it has there when possible.
+    Files that are not regular (FIFOs, devices) are listed and then refused unopened by the decoder,
+    so they are skipped and counted like any unreadable image.
     """
-    found: list[Path] = []
-    seen_dirs: set[tuple[int, int]] = set()
+    real_roots = [os.path.realpath(r) for r in roots]
+    territory = real_roots + ([os.path.realpath(dataset_root)] if dataset_root is not None else [])
+    found: dict[str, tuple[Path, int, bool]] = {}  # real path -> (path as reached, root index, reached natively)
+    visited: set[str] = set()
+    visited_ids: set[tuple[int, int]] = set()
 
-    def walk(directory: Path) -> None:
+    def owner(real: str, default: int) -> int:
+        inside = [(len(r), i) for i, r in enumerate(real_roots) if _within(real, r)]
+        return max(inside)[1] if inside else default
+
+    def add(real: str, path: Path, index: int, native: bool) -> None:
+        if real not in found or (native and not found[real][2]):
+            found[real] = (path, owner(real, index), native)
+
+    def walk(directory: Path, real_dir: str, index: int) -> None:
         try:
-            stat = directory.stat()
+            info = os.stat(directory)
         except OSError:
             return
-        key = (stat.st_dev, stat.st_ino)
-        if key in seen_dirs:
+        if real_dir in visited or (info.st_dev, info.st_ino) in visited_ids:
             return
-        seen_dirs.add(key)
+        visited.add(real_dir)
+        visited_ids.add((info.st_dev, info.st_ino))
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -133,13 +204,28 @@ def list_images(folder: Path) -> list[Path]:
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
-            if _is_dir(entry):
-                walk(path)
+            try:
+                link = entry.is_symlink()
+            except OSError:
+                continue
+            if link:
+                real = os.path.realpath(entry.path)
+                if _is_dir(entry):
+                    if not any(_within(t, real) or _within(real, t) for t in territory):
+                        walk(path, real, index)  # outside the dataset: followed (once)
+                elif is_image_file(path):
+                    add(real, path, index, native=False)
+            elif _is_dir(entry):
+                walk(path, os.path.join(real_dir, entry.name), index)
             elif is_image_file(path):
-                found.append(path)
+                add(os.path.join(real_dir, entry.name), path, index, native=True)
 
-    walk(folder)
-    return found
+    for index, (root, real_root) in enumerate(zip(roots, real_roots, strict=True)):
+        walk(root, real_root, index)
+    groups: list[list[Path]] = [[] for _ in roots]
+    for path, index, _ in found.values():
+        groups[index].append(path)
+    return groups
 
 
 def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
@@ -167,9 +253,9 @@ def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
                     path=path,
                     fix=f"keys must be class folder names, e.g. {folders[0]!r}",
                 )
-            names = [str(parsed.get(folder, class_name_from_folder(folder))) for folder in folders]
+            names = [parsed.get(folder, class_name_from_folder(folder)) for folder in folders]
         elif isinstance(parsed, list):
-            names = [str(n) for n in parsed]
+            names = parsed
         else:
             raise InputError("class file JSON must be a list or an object", path=path)
     else:
@@ -180,8 +266,19 @@ def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
             path=path,
             fix="give one name per class folder, in sorted folder order, or a JSON {folder: name} object",
         )
-    if any(not n.strip() for n in names):
-        raise InputError("class file has an empty class name", path=path)
+    return check_class_names(names, path)
+
+
+def check_class_names(names: list, source: str | Path, fix: str | None = None) -> list[str]:
+    """`names` when they can label predictions; InputError naming `source` otherwise."""
+    problem = class_name_problem(names)
+    if problem:
+        raise InputError(problem, path=source, fix=fix or "give each class one distinct, non-empty name")
+    try:
+        for name in names:
+            name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("a class name is not valid UTF-8 text (an undecodable byte)", path=source) from None
     return names
 
 
@@ -198,8 +295,8 @@ def read_name_list(path: Path) -> list[str]:
             raise InputError(f"class file is not valid JSON ({exc.msg})", path=path) from None
         if not isinstance(names, list):
             raise InputError("class file JSON must be a list of names", path=path)
-        return [str(n) for n in names]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        return check_class_names(names, path)
+    return check_class_names([line.strip() for line in text.splitlines() if line.strip()], path)
 
 
 def read_image_folder(root: str | Path, classes_file: str | Path | None = None) -> ImageFolder:
@@ -220,15 +317,22 @@ def read_image_folder(root: str | Path, classes_file: str | Path | None = None) 
             else "expected root/<class>/<image>"
         )
         raise InputError("no class folders found", path=root, fix=fix)
-    folders = [d.name for d in class_dirs]
+    folders = [record_name(d.name) for d in class_dirs]
     images: list[LabelledImage] = []
-    for label, class_dir in enumerate(class_dirs):
-        images.extend(LabelledImage(path, label) for path in list_images(class_dir))
+    for label, paths in enumerate(_walk_images(class_dirs, root)):
+        images.extend(LabelledImage(path, label) for path in paths)
     if not images:
         raise InputError(
             "no images found", path=root, fix=f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
-    names = read_class_file(classes_file, folders) if classes_file else [class_name_from_folder(f) for f in folders]
+    if classes_file:
+        names = read_class_file(classes_file, folders)
+    else:
+        names = check_class_names(
+            [class_name_from_folder(d.name) for d in class_dirs],
+            root,
+            fix="rename the class folders, or give display names with --classes",
+        )
     return ImageFolder(root=root, folders=folders, class_names=names, images=images)
 
 
@@ -312,6 +416,42 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+def check_val_split(val_split: float | str) -> float | Literal["auto"]:
+    if val_split == "auto":
+        return "auto"
+    try:
+        value = float(val_split)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 <= value < 1:  # NaN fails too
+        raise InputError(f"--val-split must be 'auto' or a fraction in [0, 1), got {val_split!r}")
+    return value
+
+
+def check_classes_readable(data: TrainingData, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse, before any training, a class whose training images are all unreadable: it would train
+    as a class without examples. Decodes images of each class only until one works (usually one)."""
+    groups: list[list[LabelledImage]] = [[] for _ in data.folders]
+    for image in data.train:
+        groups[image.label].append(image)
+    for folder, images in zip(data.folders, groups, strict=True):
+        reasons = []
+        for image in images:
+            try:
+                load_image(image.path, max_pixels=max_pixels)
+                break
+            except UnreadableImageError as exc:
+                reasons.append(exc.reason)
+        else:
+            if images:
+                raise InputError(
+                    f"class {folder!r} has no readable training images (all {len(images)} are unreadable; "
+                    f"first: {reasons[0]})",
+                    path=data.root,
+                    fix="replace or remove the broken files",
+                )
+
+
 MAX_AUTO_VAL = 10_000
 
 
@@ -330,6 +470,7 @@ def prepare_training_data(
     (at most 10,000) and full-data runs on a 10% hold-out; 0 disables validation.
     """
     root = Path(root)
+    val_split = check_val_split(val_split)
     splits = find_splits(root)
     notes: list[str] = []
     if splits:
@@ -398,7 +539,7 @@ def prepare_training_data(
         shots=shots,
         seed=seed,
         val_source=val_source,
-        sampled_files=[_relative(im.path, train_folder.root) for im in train] if shots else None,
+        sampled_files=[record_name(_relative(im.path, train_folder.root)) for im in train] if shots else None,
         files_digest=files_digest(train, train_folder.root),
         notes=notes,
     )

@@ -10,9 +10,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UnreadableImageError
+from .files import NotRegularFileError, open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -37,7 +38,7 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_regular(path) as handle, Image.open(handle) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise UnreadableImageError(
@@ -52,8 +53,12 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
                 return _to_rgb(img)
     except UnreadableImageError:
         raise
+    except NotRegularFileError as exc:  # FIFOs and devices are never opened for reading: they could block
+        raise UnreadableImageError(path, f"not a regular file ({exc.kind})") from None
     except Image.DecompressionBombError as exc:
         raise UnreadableImageError(path, f"too large (decompression-bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(path, "cannot identify image file (unknown format or corrupt)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Pillow reports truncated, corrupt and unknown formats through these.
         reason = str(exc) or type(exc).__name__

@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, TextIO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 Format = Literal["table", "json", "jsonl", "csv"]
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -33,9 +35,9 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def printable(text: str) -> str:
-    """File names that are not valid UTF-8 arrive as lone surrogates (surrogateescape); show their bytes
-    as \\xNN escapes so stdout can always encode them."""
+def encodable(text: str) -> str:
+    """File names that are not valid UTF-8 arrive as lone surrogates (surrogateescape); write their bytes
+    as \\xNN escapes so stdout can always encode them (JSON and CSV keep everything else exact)."""
     try:
         text.encode("utf-8")
         return text
@@ -43,12 +45,27 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# C0 controls, DEL and C1 controls: a terminal acts on them (clear screen, colours, titles, CSI).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape_control(match: re.Match) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """Text for a person's terminal: `encodable`, and every control character shown as \\xNN, so a
+    file name cannot clear the screen or forge output. `keep_newlines` for messages of several lines."""
+    return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escape_control, encodable(text))
+
+
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write null instead of invalid JSON; make every string encodable."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, str):
-        return printable(value)
+        return encodable(value)
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -56,8 +73,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# JSON escapes C0 controls itself; DEL and C1 are legal raw, so they are escaped too (same value).
+_JSON_RAW_CONTROL = re.compile("[\x7f-\x9f]")
+
+
 def dumps(document: Any, *, indent: int | None = 2) -> str:
-    return json.dumps(_clean(document), indent=indent, ensure_ascii=False, default=_json_default)
+    text = json.dumps(_clean(document), indent=indent, ensure_ascii=False, default=_json_default)
+    return _JSON_RAW_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def write_json(document: Any, out: TextIO | None = None) -> None:
@@ -102,7 +124,7 @@ def write_records(
             table.add_column(column, overflow="fold")
         try:
             for record in records:
-                table.add_row(*(_table_cell(record.get(k)) for k in columns))
+                table.add_row(*(table_cell(record.get(k)) for k in columns))
                 count += 1
         finally:
             if count:  # no rows: the reason is on stderr, an empty frame above it says nothing
@@ -112,7 +134,7 @@ def write_records(
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, str):
-        return printable(value)
+        return encodable(value)
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):
@@ -120,19 +142,20 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _table_cell(value: Any) -> str:
+def table_cell(value: Any) -> Text:
+    """A cell as literal text: control characters escaped, and brackets never read as rich markup."""
     if value is None:
-        return "-"
+        return Text("-")
     if isinstance(value, float):
-        return f"{value:.4f}"
-    return printable(str(value))
+        return Text(f"{value:.4f}")
+    return Text(printable(str(value)))
 
 
-def _summary_cell(value: Any) -> str:
+def _summary_cell(value: Any) -> Text:
     """One value of a summary, for people: 461.53, not 461.5300 (record tables keep aligned decimals)."""
     if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4f}".rstrip("0").rstrip(".") or "0"
-    return _table_cell(value)
+        return Text(f"{value:.4f}".rstrip("0").rstrip(".") or "0")
+    return table_cell(value)
 
 
 def key_value_table(pairs: Iterable[tuple[str, Any]], title: str | None = None) -> Table:

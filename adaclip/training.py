@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_file import TrainingRecord
-from .checkpoint import TrainingPosition, load_checkpoint, restore_rng, save_checkpoint
+from .adapter_file import DIVERGED, TrainingRecord, check_finite
+from .checkpoint import TrainingPosition, checkpoint_does_not_fit, load_checkpoint, restore_rng, save_checkpoint
 from .data import ImageDataset, LabelledImage, SkippedImage, TrainingData, make_loader
 from .distributed import SINGLE, DistContext, shard_of_batch
 from .errors import AdaclipError
@@ -200,10 +200,13 @@ def train(
     resumed = False
     if checkpoint is not None and checkpoint.resume:
         loaded = load_checkpoint(checkpoint.path, checkpoint.fingerprint)
-        model.load_state_dict(loaded.model_state, strict=True)
-        optimizer.load_state_dict(loaded.optimizer_state)
-        scheduler.load_state_dict(loaded.scheduler_state)
-        restore_rng(loaded.rng)
+        try:
+            model.load_state_dict(loaded.model_state, strict=True)
+            optimizer.load_state_dict(loaded.optimizer_state)
+            scheduler.load_state_dict(loaded.scheduler_state)
+            restore_rng(loaded.rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise checkpoint_does_not_fit(checkpoint.path, exc) from None
         position = loaded.position
         resumed = True
         log.info(f"resuming from {checkpoint.path} at epoch {position.epoch + 1}, step {position.step_in_epoch}")
@@ -292,6 +295,9 @@ def train(
 
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
+    check_finite(
+        model.adapter_state(), "training produced non-finite values (NaN or inf) in {name}", None, fix=DIVERGED
+    )
     model.eval()
     history = position.history
     final_val_accuracy = history[-1]["val_accuracy"] if history else None

@@ -63,7 +63,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .adapter_file import created_at_now
-from .data import StreamingImageDataset, class_name_from_folder, list_images, make_loader
+from .checks import MAX_SEED
+from .data import StreamingImageDataset, class_name_from_folder, list_images, make_loader, record_name
 from .errors import InputError, UsageError
 from .images import IMAGE_EXTENSIONS, load_image
 from .methods import CosineHead, make_method_config, method_registry
@@ -117,7 +118,9 @@ class TTASettings(BaseModel):
     )
     shuffle: bool = Field(True, description="online: adapt in a seeded random order (results stay in folder order)")
     anchor_weight: float = Field(1.0, ge=0, description="online: weight of KL(start || adapted)")
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, strict=True, description="fixes the views and a fresh mask's initialisation"
+    )
     mask: RationalMaskConfig = Field(
         default_factory=RationalMaskConfig, description="settings of a fresh mask (adapters without one)"
     )
@@ -216,7 +219,7 @@ def resolve_labels(
         return None
     index = _label_index(adapter)
     if isinstance(labels, str) and labels == "folders":
-        named = {str(p): p.parent.name for p in images if p.parent != folder}
+        named = {str(p): record_name(p.parent.name) for p in images if p.parent != folder}
     elif isinstance(labels, dict):
         named = {str(Path(k) if Path(k).is_absolute() else folder / k): str(v) for k, v in labels.items()}
     else:

@@ -28,6 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .output import printable
+
 stderr_console = Console(stderr=True, highlight=False, soft_wrap=True)
 logger = logging.getLogger("adaclip")
 logger.setLevel(logging.INFO)  # adaclip's messages are on by default, as a command-line tool's are
@@ -38,7 +40,8 @@ _STYLE = {logging.DEBUG: "dim", logging.WARNING: "yellow", logging.ERROR: "bold 
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return _PREFIX.get(record.levelno, "") + record.getMessage()
+        # Messages name user files: control characters in them are escaped (see output.printable).
+        return _PREFIX.get(record.levelno, "") + printable(record.getMessage(), keep_newlines=True)
 
 
 class StderrHandler(logging.Handler):

@@ -148,9 +148,15 @@ def test_plain_safetensors_and_garbage_are_refused(tmp_path):
         read_adapter_header(tmp_path / "junk.adaclip")
 
 
-def test_nan_tensors_are_refused(tmp_path):
+def test_nan_tensors_are_refused(tmp_path, monkeypatch):
+    import adaclip.adapter_file as adapter_file
+
+    with pytest.raises(adapter_file.AdaclipError, match="non-finite"):  # never written...
+        write_adapter_file(tmp_path / "nan.adaclip", {"w": torch.tensor([1.0, float("nan")])}, metadata())
+    monkeypatch.setattr(adapter_file, "check_finite", lambda *a, **k: None)
     path = write_adapter_file(tmp_path / "nan.adaclip", {"w": torch.tensor([1.0, float("nan")])}, metadata())
-    with pytest.raises(AdapterFileError, match="NaN"):
+    monkeypatch.undo()
+    with pytest.raises(AdapterFileError, match="NaN"):  # ...and refused when another writer made one
         read_adapter_file(path)
 
 
