@@ -253,4 +253,4 @@ def test_summary_tables_round_for_people(probe_file):
     assert result.exit_code == 2  # the output folder is checked before anything is written
     from adaclip.output import _summary_cell
 
-    assert _summary_cell(461.53) == "461.53" and _summary_cell(2.0) == "2" and _summary_cell(0.12345) == "0.1235"
+    assert [_summary_cell(v).plain for v in (461.53, 2.0, 0.12345)] == ["461.53", "2", "0.1235"]
