@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,23 +27,25 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of ``path`` as an 8-bit RGB image, honouring EXIF orientation.
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: BinaryIO | None = None) -> Image.Image:
+    """Decode the first frame of ``path`` (or of ``data``, an in-memory upload that ``path`` names) as an
+    8-bit RGB image, honouring EXIF orientation.
 
     Transparent pixels are composited over white (clip-art and emoji are drawn on transparency; black
     would change their meaning). 16-bit and float images are rescaled to 8 bits by their range.
-    Raises UnreadableImageError for anything that cannot be decoded.
+    Raises UnreadableImageError for anything that cannot be decoded; its `kind` says why.
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else data) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise UnreadableImageError(
                         path,
                         f"{width}x{height} exceeds the {max_pixels:,}-pixel limit (decompression-bomb guard)",
+                        kind="too_large",
                     )
                 img.seek(0)  # first frame of animations and multi-page TIFFs
                 if img.format == "JPEG":
@@ -53,7 +56,9 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except UnreadableImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise UnreadableImageError(path, f"too large (decompression-bomb guard): {exc}") from None
+        raise UnreadableImageError(path, f"too large (decompression-bomb guard): {exc}", kind="too_large") from None
+    except Image.UnidentifiedImageError as exc:
+        raise UnreadableImageError(path, str(exc) or "not an image", kind="not_image") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Pillow reports truncated, corrupt and unknown formats through these.
         reason = str(exc) or type(exc).__name__
