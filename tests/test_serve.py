@@ -24,6 +24,7 @@ import adaclip
 from adaclip.cli import main
 from adaclip.serve import AdapterSet, ServeSettings, Service, create_app, load_adapter_set, parse_adapter_specs
 from adaclip.serve.batching import Batcher, HeadRequest, Job, QueueFull
+from adaclip.serve.inputs import Upload
 from adaclip.serve.metrics import ServeMetrics
 
 TOKEN = "serve-test-token-0123456789"
@@ -338,17 +339,16 @@ def test_waiting_requests_are_encoded_as_one_batch_with_the_same_answers(adapter
     metrics = ServeMetrics()
     batcher = Batcher(max_batch=32, wait_s=0.0, capacity=64, metrics=metrics)
     zs, probe = adapter_set.get("zs"), adapter_set.get("probe")
-    transform = zs.adapter.backbone.eval_transform()
-    pixels = [transform(adaclip.images.load_image(p)) for p in test_images]
+    uploads = [Upload(p.name, p.read_bytes()) for p in test_images]
 
     async def scenario():
         loop = asyncio.get_running_loop()
         jobs = []
         with batcher.hold():
             batcher.start()
-            for index, pixel in enumerate(pixels):
+            for index, upload in enumerate(uploads):
                 head = HeadRequest(zs if index % 2 else probe, None, 2)
-                job = Job(zs.encoder_key, zs, pixel[None], [head], loop.create_future(), loop)
+                job = Job(zs.encoder_key, zs, [upload], [head], loop.create_future(), loop)
                 batcher.reserve(1)
                 batcher.submit(job)
                 jobs.append(job)
@@ -366,7 +366,7 @@ def test_waiting_requests_are_encoded_as_one_batch_with_the_same_answers(adapter
     for index, answer in enumerate(answers):
         served = zs if index % 2 else probe
         expected = served.adapter.predict([test_images[index]], top_k=2)[0]
-        got = answer[0][0]
+        got = answer.predictions[0][0]
         assert got.label == expected.label
         assert [label for label, _ in got.top_k] == [label for label, _ in expected.top_k]
         assert [s for _, s in got.top_k] == pytest.approx([s for _, s in expected.top_k], abs=1e-5)

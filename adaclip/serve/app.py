@@ -31,8 +31,8 @@ from ..adapter import Prediction
 from ..errors import AdaclipError
 from ..output import dumps
 from ..ui import log
-from .batching import Batcher, HeadRequest, Job, QueueFull, ShuttingDown
-from .inputs import ApiError, ClassifyRequest, PreparedImage, parse_classify, prepare_images
+from .batching import Batcher, HeadRequest, Job, JobResult, QueueFull, ShuttingDown
+from .inputs import ApiError, ClassifyRequest, PreparedImage, parse_classify
 from .metrics import ROUTES, ServeMetrics
 from .registry import ALL, AdapterSet, ServedAdapter
 from .security import OPEN_PATHS, token_matches
@@ -158,29 +158,24 @@ class Service:
             ) from None
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"}) from None
+        loop = asyncio.get_running_loop()
         jobs: list[Job] = []
         try:
-            transforms = {g.encoder.backbone_key: g.encoder.adapter.backbone.eval_transform() for g in groups}
-            prepared = await run_in_threadpool(prepare_images, query.uploads, transforms, self.settings.max_pixels)
-            readable = [p for p in prepared if p.pixels is not None]
-            for item in prepared:
-                if item.pixels is None:
-                    self.metrics.unreadable.labels(item.kind or "corrupt").inc()
-            self.batcher.release((images - len(readable)) * len(groups))
-            outstanding = len(readable) * len(groups)
-            if not readable:
-                first = prepared[0]
-                records = [_error_record(p) for p in prepared]
-                raise ApiError(first.status, f"{first.name}: {first.error}", predictions=records)
-            loop = asyncio.get_running_loop()
             for group in groups:
-                pixels = torch.stack([p.pixels[group.encoder.backbone_key] for p in readable])
-                job = Job(group.encoder.encoder_key, group.encoder, pixels, group.heads, loop.create_future(), loop)
+                job = Job(
+                    group.encoder.encoder_key,
+                    group.encoder,
+                    query.uploads,
+                    group.heads,
+                    loop.create_future(),
+                    loop,
+                    max_pixels=self.settings.max_pixels,
+                )
                 self.batcher.submit(job)
                 outstanding -= job.size
                 jobs.append(job)
             try:
-                answers = await asyncio.wait_for(
+                answers: list[JobResult] = await asyncio.wait_for(
                     asyncio.gather(*(job.future for job in jobs)), self.settings.request_timeout_s
                 )
             except TimeoutError:
@@ -192,11 +187,20 @@ class Service:
         finally:
             if outstanding > 0:
                 self.batcher.release(outstanding)
+        prepared = answers[0].images
+        for item in prepared:
+            if item.pixels is None:
+                self.metrics.unreadable.labels(item.kind or "corrupt").inc()
+        if all(item.pixels is None for item in prepared):
+            first = prepared[0]
+            raise ApiError(
+                first.status, f"{first.name}: {first.error}", predictions=[_error_record(p) for p in prepared]
+            )
         results = []
         for group, answer in zip(groups, answers, strict=True):
-            for head, predictions in zip(group.heads, answer, strict=True):
+            for head, predictions in zip(group.heads, answer.predictions, strict=True):
                 self.metrics.answers.labels(head.adapter.name).inc(len(predictions))
-                results.append((head.adapter, _records(prepared, predictions)))
+                results.append((head.adapter, _records(answer.images, predictions)))
         order = {adapter.name: i for i, adapter in enumerate(targets)}
         results.sort(key=lambda pair: order[pair[0].name])
         if query.adapter == ALL:

@@ -1,7 +1,10 @@
 """Dynamic batching: requests that arrive within a few milliseconds are encoded as one batch.
 
 Request handlers (on the event loop) admit images against a bounded capacity (`reserve`: a full
-queue refuses at once, before any decoding) and submit `Job`s; one worker thread takes the oldest job
+queue refuses at once, before any decoding) and submit `Job`s with the uploaded bytes; one worker
+thread decodes and encodes them, as `predict` does in one process (decoding in a pool of threads
+beside the encoder made torch's thread teams compete for the cores: twice the CPU per image on
+2 cores). The worker takes the oldest job
 and every other waiting job with the same encoder key (the same image tower), up to `max_batch`
 images, waiting at most `wait_s` after the oldest arrived. Under load the queue is never empty, so
 batches fill without waiting; alone, a request waits `wait_s` at most.
@@ -26,6 +29,7 @@ import torch
 
 from ..adapter import Prediction
 from ..ui import log
+from .inputs import PreparedImage, Upload, prepare_images
 from .metrics import ServeMetrics
 from .registry import ServedAdapter
 
@@ -55,15 +59,24 @@ class Job:
 
     key: tuple[str, ...]
     encoder: ServedAdapter  # whose `encode` computes the features for every head
-    pixels: torch.Tensor  # (n, 3, H, W)
+    uploads: list[Upload]
     heads: list[HeadRequest]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    max_pixels: int = 25_000_000
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
     def size(self) -> int:
-        return len(self.pixels)
+        return len(self.uploads)
+
+
+@dataclass
+class JobResult:
+    """Every upload's decoding outcome (in order) and, per head, predictions for the readable ones."""
+
+    images: list[PreparedImage]
+    predictions: list[list[Prediction]]
 
 
 class Batcher:
@@ -218,52 +231,63 @@ class Batcher:
             return
         started = time.perf_counter()
         try:
-            pixels = torch.cat([job.pixels for job in live])
-            encoder = live[0].encoder
-            features = torch.cat(
-                [encoder.encode(pixels[i : i + self.max_batch]) for i in range(0, len(pixels), self.max_batch)]
-            )
-            self.metrics.batch_images.observe(len(pixels))
-            self.metrics.encoded.inc(len(pixels))
-            answers = self._answer(live, features)
+            images = [self._decode(job) for job in live]
+            pixels = [p.pixels["image"] for prepared in images for p in prepared if p.pixels is not None]
+            rows = [sum(p.pixels is not None for p in prepared) for prepared in images]
+            answers: list[list[list[Prediction]]] = [[[] for _ in job.heads] for job in live]
+            if pixels:
+                stacked = torch.stack(pixels)
+                encoder = live[0].encoder
+                features = torch.cat(
+                    [encoder.encode(stacked[i : i + self.max_batch]) for i in range(0, len(stacked), self.max_batch)]
+                )
+                self.metrics.batch_images.observe(len(stacked))
+                self.metrics.encoded.inc(len(stacked))
+                answers = self._answer(live, rows, features)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not stop the worker
             log.error(f"batch of {len(batch)} requests failed: {type(exc).__name__}: {exc}")
             for job in live:
                 _deliver(job.loop, job.future, error=exc)
             return
         seconds = time.perf_counter() - started
-        if seconds > 0:
+        if seconds > 0 and pixels:
             rate = len(pixels) / seconds
-            self._images_per_second = (
-                rate if not self._images_per_second else 0.8 * self._images_per_second + 0.2 * rate
-            )
-        for job, answer in zip(live, answers, strict=True):
-            _deliver(job.loop, job.future, result=answer)
+            previous = self._images_per_second
+            self._images_per_second = rate if not previous else 0.8 * previous + 0.2 * rate
+        for job, prepared, answer in zip(live, images, answers, strict=True):
+            _deliver(job.loop, job.future, result=JobResult(prepared, answer))
 
     @staticmethod
-    def _answer(jobs: list[Job], features: torch.Tensor) -> list[list[list[Prediction]]]:
-        """Per job, per head: predictions. Rows of jobs asking the same adapter and classes go through
-        its head together."""
+    def _decode(job: Job) -> list[PreparedImage]:
+        transform = job.encoder.adapter.backbone.eval_transform()
+        return prepare_images(job.uploads, {"image": transform}, job.max_pixels)
+
+    @staticmethod
+    def _answer(jobs: list[Job], rows: list[int], features: torch.Tensor) -> list[list[list[Prediction]]]:
+        """Per job, per head: predictions for its readable images. Rows of jobs asking the same adapter
+        and classes go through its head together."""
         offsets, start = [], 0
-        for job in jobs:
-            offsets.append((start, start + job.size))
-            start += job.size
-        answers: list[list[list[Prediction] | None]] = [[None] * len(job.heads) for job in jobs]
+        for count in rows:
+            offsets.append((start, start + count))
+            start += count
+        answers: list[list[list[Prediction]]] = [[[] for _ in job.heads] for job in jobs]
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for j, job in enumerate(jobs):
+            if rows[j] == 0:
+                continue
             for h, head in enumerate(job.heads):
                 key = (id(head.adapter), tuple(head.class_names) if head.class_names is not None else None)
                 groups.setdefault(key, []).append((j, h))
         for members in groups.values():
             first = jobs[members[0][0]].heads[members[0][1]]
-            rows = torch.cat([features[slice(*offsets[j])] for j, _ in members])
-            top_k = [jobs[j].heads[h].top_k for j, h in members for _ in range(jobs[j].size)]
-            predictions = first.adapter.predict_features(rows, top_k, first.class_names)
+            features_of_group = torch.cat([features[slice(*offsets[j])] for j, _ in members])
+            top_k = [jobs[j].heads[h].top_k for j, h in members for _ in range(rows[j])]
+            predictions = first.adapter.predict_features(features_of_group, top_k, first.class_names)
             position = 0
             for j, h in members:
-                answers[j][h] = predictions[position : position + jobs[j].size]
-                position += jobs[j].size
-        return answers  # type: ignore[return-value]
+                answers[j][h] = predictions[position : position + rows[j]]
+                position += rows[j]
+        return answers
 
 
 def _deliver(
