@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench bench-accuracy bench-speed bench-gpu lite-weights sample-data clean
+.PHONY: setup test demo lint bench bench-accuracy bench-speed bench-serve bench-gpu lite-weights sample-data clean
 
 setup: $(STAMP)
 
@@ -39,12 +39,16 @@ sample-data: setup
 # Benchmarks are not part of `make test`: they take tens of minutes and write results/ + docs/benchmarks.md.
 # glibc hands large tensor buffers back to the OS after every batch and faults them in again; keeping
 # them (these two settings) made lite encoding 1.7-3.4x faster on the 2-core development machine (python -m benchmarks.encode_batch).
-bench-speed bench-accuracy: export MALLOC_MMAP_THRESHOLD_ = 4000000000
-bench-speed bench-accuracy: export MALLOC_TRIM_THRESHOLD_ = 4000000000
+bench-speed bench-accuracy bench-serve: export MALLOC_MMAP_THRESHOLD_ = 4000000000
+bench-speed bench-accuracy bench-serve: export MALLOC_TRIM_THRESHOLD_ = 4000000000
 bench: bench-speed bench-accuracy
 
 bench-speed: setup
 	$(BIN)/python -m benchmarks.speed $(BENCH_ARGS)
+
+# `adaclip serve` under load on 127.0.0.1 (lite backbone): throughput vs predict, latency, 503s, memory.
+bench-serve: setup
+	$(BIN)/python -m benchmarks.serve $(BENCH_ARGS)
 
 # The same suite on a CUDA machine (needs a CUDA build of torch): bf16 autocast, larger batches, and
 # achieved TFLOP/s against the GPU's data-sheet peak (--peak-tflops N for a GPU the table lacks).

@@ -199,6 +199,18 @@ class Adapter:
             else:
                 yield self._prediction(item.path, item.probabilities, top_k)
 
+    @torch.no_grad()
+    def predict_features(
+        self, features: torch.Tensor, *, top_k: int | Sequence[int] = 5, paths: Sequence[str | None] | None = None
+    ) -> list[Prediction]:
+        """Predictions for image features already encoded with `model.image_features` (a per-image
+        `top_k` may be given). The server encodes once and feeds every frozen-tower adapter this way."""
+        self.model.eval()
+        probs = self.model.logits_from_features(features).float().softmax(dim=-1).cpu()
+        ks = [top_k] * len(probs) if isinstance(top_k, int) else list(top_k)
+        names = [None] * len(probs) if paths is None else list(paths)
+        return [self._prediction(path, row, k) for path, row, k in zip(names, probs, ks, strict=True)]
+
     def _prediction(self, path: str | None, probs: torch.Tensor, top_k: int) -> Prediction:
         k = max(1, min(top_k, len(probs)))
         scores, indices = probs.topk(k)

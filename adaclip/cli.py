@@ -821,6 +821,85 @@ def export(
 
 
 @command()
+def serve(
+    adapters: list[str] = typer.Argument(
+        ..., metavar="ADAPTER...", help="Adapter files to serve: PATH (named by its file name) or NAME=PATH."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on. The default is this machine only; 0.0.0.0 is everyone."
+    ),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port, printed at start)."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="File whose first line is a bearer token every request must send (not /healthz)."
+    ),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body in MiB (413 past it)."),
+    max_images: int = typer.Option(32, "--max-images", help="Images in one request (413 past it)."),
+    max_pixels: int = typer.Option(25_000_000, "--max-pixels", help="Largest image, width x height (413 past it)."),
+    max_classes: int = typer.Option(256, "--max-classes", help="Class names one request may ask to score."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Images encoded in one forward pass."),
+    batch_wait_ms: float = typer.Option(
+        5.0, "--batch-wait-ms", help="How long a request waits for others to batch with."
+    ),
+    queue_size: int = typer.Option(128, "--queue-size", help="Images admitted at once; past it, 503 + Retry-After."),
+    request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds a request may wait (503 past it)."),
+    max_connections: int = typer.Option(512, "--max-connections", help="Open connections before uvicorn answers 503."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """Serve adapters over HTTP: POST /v1/classify, GET /v1/adapters, /healthz, /readyz, /metrics.
+
+    Adapters on the same backbone share one copy of it; `adapter=all` answers every frozen-tower adapter
+    (zeroshot, linear-probe, tip-adapter, coop, rada) from one image encoding. Adapter files are read at
+    start and again on SIGHUP (`kill -HUP PID`), never from a request. Needs `pip install 'adaclip\\[serve]'`.
+
+    Examples:
+
+        adaclip serve pets.adaclip birds=./models/birds.adaclip --port 8000
+
+        curl -F image=@cat.jpg 'http://127.0.0.1:8000/v1/classify?adapter=pets&top_k=3'
+    """
+    try:
+        from .serve import make_settings, parse_adapter_specs, run_server
+        from .serve.security import is_loopback, read_token_file
+    except ImportError as exc:
+        raise UsageError(
+            f"adaclip serve needs the serve extra ({exc.name} is missing)", fix="pip install 'adaclip[serve]'"
+        ) from None
+
+    settings = make_settings(
+        max_upload_mb=max_upload_mb,
+        max_images=max_images,
+        max_pixels=max_pixels,
+        max_classes=max_classes,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        queue_size=queue_size,
+        request_timeout_s=request_timeout,
+    )
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0 to 65535, got {port}")
+    if max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    token = read_token_file(token_file) if token_file is not None else None
+    specs = parse_adapter_specs(adapters)  # names and files are checked before anything heavy
+    if not is_loopback(host) and token is None:
+        log.warning(f"listening on {host} without --token-file: anyone who can reach this port can use the API")
+    run_server(
+        specs,
+        settings,
+        host=host,
+        port=port,
+        token=token,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        max_connections=max_connections,
+        log_level="warning" if log.level == 0 else "info",
+    )
+
+
+@command()
 def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     """List the available methods."""
     from .method_catalog import builtin_methods

@@ -52,11 +52,15 @@ class BackboneUnavailableError(AdaclipError):
 
 
 class UnreadableImageError(Exception):
-    """One image could not be decoded. Not user-facing on its own: callers skip and count it."""
+    """One image could not be decoded. Not user-facing on its own: callers skip and count it.
 
-    def __init__(self, path: str | Path, reason: str):
+    `kind`: "not_image" (no known image format), "too_large" (over the pixel limit) or "corrupt"
+    (a known format that fails to decode, e.g. truncated); the server maps them to HTTP statuses."""
+
+    def __init__(self, path: str | Path, reason: str, *, kind: str = "corrupt"):
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{path}: {reason}")
 
 

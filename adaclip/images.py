@@ -6,8 +6,10 @@ One bad file must never stop a 10,000-image run, so every failure becomes an
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,23 +29,27 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of ``path`` as an 8-bit RGB image, honouring EXIF orientation.
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: BinaryIO | None = None) -> Image.Image:
+    """Decode the first frame of ``path`` (or of ``data``, an in-memory upload that ``path`` names) as an
+    8-bit RGB image, honouring EXIF orientation.
 
     Transparent pixels are composited over white (clip-art and emoji are drawn on transparency; black
     would change their meaning). 16-bit and float images are rescaled to 8 bits by their range.
-    Raises UnreadableImageError for anything that cannot be decoded.
+    Raises UnreadableImageError for anything that cannot be decoded; its `kind` says why.
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open_regular(path) as handle, Image.open(handle) as img:
+            with contextlib.ExitStack() as stack:
+                source = stack.enter_context(open_regular(path)) if data is None else data
+                img = stack.enter_context(Image.open(source))
                 width, height = img.size
                 if width * height > max_pixels:
                     raise UnreadableImageError(
                         path,
                         f"{width}x{height} exceeds the {max_pixels:,}-pixel limit (decompression-bomb guard)",
+                        kind="too_large",
                     )
                 img.seek(0)  # first frame of animations and multi-page TIFFs
                 if img.format == "JPEG":
@@ -56,9 +62,11 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except NotRegularFileError as exc:  # FIFOs and devices are never opened for reading: they could block
         raise UnreadableImageError(path, f"not a regular file ({exc.kind})") from None
     except Image.DecompressionBombError as exc:
-        raise UnreadableImageError(path, f"too large (decompression-bomb guard): {exc}") from None
+        raise UnreadableImageError(path, f"too large (decompression-bomb guard): {exc}", kind="too_large") from None
     except UnidentifiedImageError:
-        raise UnreadableImageError(path, "cannot identify image file (unknown format or corrupt)") from None
+        raise UnreadableImageError(
+            path, "cannot identify image file (unknown format or corrupt)", kind="not_image"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Pillow reports truncated, corrupt and unknown formats through these.
         reason = str(exc) or type(exc).__name__
