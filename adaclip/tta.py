@@ -30,11 +30,13 @@ Modes:
   - tda (a baseline, training-free: Karmanov et al., "Efficient Test-Time Adaptation of Vision-Language
     Models", CVPR 2024; our implementation): nothing is optimised. Over the stream (same seeded order as
     online), a positive cache keeps, per predicted class, the `positive_capacity` lowest-entropy image
-    features, and a negative cache keeps features of moderately uncertain images (normalised entropy in
-    `negative_entropy`) with the classes they are confidently *not* (probability below `negative_mask`).
+    features, and a negative cache keeps features of moderately uncertain images (entropy in nats divided
+    by log2(K), as the reference code computes it, inside `negative_entropy`) with a mask of the classes
+    whose probability lies strictly inside `negative_mask` (0.03 < p < 1: the reference's mask_threshold).
     Logits = the adapter's own logits + a_pos * exp(-b_pos (1 - f.K_pos)) V_pos
-    - a_neg * exp(-b_neg (1 - f.K_neg)) V_neg. One view per image (TDA's ImageNet setting adds AugMix
-    views). The cache lives for the stream only: there is no adapted file to write. Works on any adapter.
+    - a_neg * exp(-b_neg (1 - f.K_neg)) V_neg (tests/test_parity.py checks this against the reference's
+    formulas). One view per image (TDA's ImageNet setting adds AugMix views). The cache lives for the
+    stream only: there is no adapted file to write. Works on any adapter.
 
 Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step at lr 5e-3). Online:
 lr 1e-3, one step per batch of 32, diversity and anchor weights 1. Neither learning rate was tuned on
@@ -93,9 +95,12 @@ class TDASettings(BaseModel):
     negative_alpha: float = Field(0.117, ge=0)
     negative_beta: float = Field(1.0, ge=0)
     negative_entropy: tuple[float, float] = Field(
-        (0.2, 0.5), description="normalised-entropy band of images that enter the negative cache"
+        (0.2, 0.5),
+        description="band of entropy (nats) / log2(K), as the reference computes it, of images that enter the negative cache",
     )
-    negative_mask: float = Field(0.03, ge=0, le=1, description="classes below this probability are 'not it'")
+    negative_mask: tuple[float, float] = Field(
+        (0.03, 1.0), description="a negative entry's value marks the classes with probability strictly inside this band"
+    )
 
 
 class TTASettings(BaseModel):
@@ -354,15 +359,18 @@ class TDACache:
         """Add one image to the caches, then return its cache-adjusted logits."""
         s = self.settings
         probs = logits.softmax(dim=-1)
-        normalised = float(-(probs * probs.clamp_min(1e-12).log()).sum() / math.log(max(2, self.n_classes)))
+        # The reference divides an entropy in nats by log2(K) (utils.get_entropy); its thresholds were set
+        # on that scale, so the same division is kept.
+        normalised = float(-(probs * logits.log_softmax(dim=-1)).sum() / math.log2(max(2, self.n_classes)))
         predicted = int(probs.argmax())
         feature = feature.float()
         one_hot = F.one_hot(torch.tensor(predicted), self.n_classes).float().to(feature.device)
         self._insert(self.positive[predicted], s.positive_capacity, (normalised, feature, one_hot))
         low, high = s.negative_entropy
         if low < normalised < high:
-            not_it = (probs < s.negative_mask).float()
-            self._insert(self.negative[predicted], s.negative_capacity, (normalised, feature, not_it))
+            low_p, high_p = s.negative_mask
+            possible = ((probs > low_p) & (probs < high_p)).float()  # subtracted below: "probably not these"
+            self._insert(self.negative[predicted], s.negative_capacity, (normalised, feature, possible))
         adjusted = logits.clone()
         positive = self._logits(feature, self.positive, s.positive_beta)
         if positive is not None:

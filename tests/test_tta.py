@@ -262,7 +262,7 @@ def test_tda_cache_rules():
     cache = TDACache(3, TDASettings(positive_capacity=2, negative_capacity=1))
     features = torch.nn.functional.normalize(torch.eye(3, 4), dim=-1)
     confident = torch.tensor([10.0, 0.0, 0.0])  # entropy ~0: class 0
-    unsure = torch.tensor([2.0, 0.2, -4.0])  # normalised entropy 0.39: enters the negative cache (not class 2)
+    unsure = torch.tensor([2.0, 0.2, -4.0])  # 0.42 nats / log2(3) = 0.27: enters the negative cache
     first = cache.observe_and_adjust(features[0], confident)
     assert first[0] - confident[0] == pytest.approx(2.0)  # its own entry: affinity exp(0) = 1, alpha 2
     cache.observe_and_adjust(features[1], confident)
@@ -270,7 +270,8 @@ def test_tda_cache_rules():
     assert len(cache.positive[0]) == 2  # capacity kept; the least confident entry was replaced
     assert all(entry[0] <= cache.positive[0][-1][0] for entry in cache.positive[0])
     cache.observe_and_adjust(features[1], unsure)
-    assert len(cache.negative[0]) == 1 and cache.negative[0][0][2].tolist() == [0.0, 0.0, 1.0]
+    # p = (0.86, 0.14, 0.002): the value marks the classes with 0.03 < p < 1, whose affinity is subtracted
+    assert len(cache.negative[0]) == 1 and cache.negative[0][0][2].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_tda_mode_runs_on_any_adapter_and_writes_nothing(rada_adapter, dataset, tiny_backbone, shifted, tmp_path):
