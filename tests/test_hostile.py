@@ -458,8 +458,9 @@ def test_a_class_with_only_unreadable_images_is_refused(tmp_path, no_training):
             3.5,
             marks=pytest.mark.xfail(
                 reason="since start-up is lazy, a Ctrl-C during the command's own torch import prints one line "
-                "but the process ends by signal (-2), not exit 130; open defect, see the stop-20 note",
-                strict=True,
+                "but the process sometimes ends by signal (-2), not exit 130 (timing-dependent: it passed in one "
+                "full run, failed in another); open defect, see the stop-20 note",
+                strict=False,
             ),
         ),
     ],
