@@ -96,7 +96,9 @@ class TDASettings(BaseModel):
     negative_beta: float = Field(1.0, ge=0)
     negative_entropy: tuple[float, float] = Field(
         (0.2, 0.5),
-        description="band of entropy (nats) / log2(K), as the reference computes it, of images that enter the negative cache",
+        description=(
+            "band of entropy (nats) / log2(K), as the reference computes it, of images that enter the negative cache"
+        ),
     )
     negative_mask: tuple[float, float] = Field(
         (0.03, 1.0), description="a negative entry's value marks the classes with probability strictly inside this band"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,9 +35,11 @@ def reference_tda(features, logits, pos=(3, 2.0, 5.0), neg=(2, 0.117, 1.0), band
         for c in sorted(cache):
             for item in cache[c]:
                 keys.append(item[0])
-                values.append(((item[2] > mask[0]) & (item[2] < mask[1])).float() if negative else F.one_hot(
-                    torch.tensor(c), n_classes
-                ).float())
+                values.append(
+                    ((item[2] > mask[0]) & (item[2] < mask[1])).float()
+                    if negative
+                    else F.one_hot(torch.tensor(c), n_classes).float()
+                )
         keys, values = torch.stack(keys).t(), torch.stack(values)
         return alpha * ((-1) * (beta - beta * (f @ keys))).exp() @ values
 
@@ -62,7 +63,8 @@ def tda_stream(seed=0, n=60, dim=8, n_classes=5):
     g = torch.Generator().manual_seed(seed)
     features = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
     # temperatures from very sure to very unsure, so every cache rule is exercised
-    logits = torch.randn(n, n_classes, generator=g) * torch.linspace(0.3, 8.0, n)[torch.randperm(n, generator=g)][:, None]
+    temperatures = torch.linspace(0.3, 8.0, n)[torch.randperm(n, generator=g)][:, None]
+    logits = torch.randn(n, n_classes, generator=g) * temperatures
     return features, logits
 
 
