@@ -529,11 +529,11 @@ def evaluate(
     from .data import prepare_eval_data
 
     _check_format(fmt, ("table", "json", "csv"))
-    for path in (output, predictions_file):
-        if path is not None and path.exists() and not force:
-            raise UsageError("output file already exists", path=path, fix="choose another name or pass --force")
-        if path is not None and not path.parent.resolve().is_dir():
-            raise UsageError("output folder does not exist", path=path.parent)
+    from .files import check_output_path
+
+    for path, option in ((output, "--output"), (predictions_file, "--predictions")):
+        if path is not None:
+            check_output_path(path, force=force, inputs=[adapter_path, data], option=option)
     read_adapter_header(adapter_path)  # a missing or broken adapter, and bad data, fail before the backbone is built
     check_count(batch_size, "--batch-size")
     check_count(workers, "--workers", minimum=0, optional=True)

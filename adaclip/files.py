@@ -78,11 +78,19 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def check_output_path(path: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+def check_output_path(
+    path: str | Path,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | Path] = (),
+    what: str = "output file",
+    option: str = "-o",
+) -> Path:
     """Refuse, before any work, an output that cannot or must not be written: an existing file without
     `force`, a folder, one of the `inputs` (files, or images inside input folders), a missing folder,
     or a folder that does not take new files (read-only, no permission). A small probe file proves the
-    last one, which also covers read-only mounts and root's exemption from permission bits."""
+    last one, which also covers read-only mounts and root's exemption from permission bits. `what` and
+    `option` name the output in messages (e.g. "log file", "--log-jsonl")."""
     from .images import is_image_file
 
     path = Path(path)
@@ -90,7 +98,7 @@ def check_output_path(path: str | Path, *, force: bool = False, inputs: Iterable
         raise UsageError("output path is a folder", path=path, fix="give a file name, e.g. -o pets.adaclip")
     if path.exists() or path.is_symlink():
         if not force:
-            raise UsageError("output file already exists", path=path, fix="choose another -o or pass --force")
+            raise UsageError(f"{what} already exists", path=path, fix=f"choose another {option} or pass --force")
         if not path.is_file():
             raise UsageError("output path exists and is not a regular file", path=path)
     real = _resolved(path)

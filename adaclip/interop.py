@@ -33,6 +33,7 @@ from torch import nn
 
 from .adapter_file import atomic_write
 from .errors import UsageError
+from .files import check_output_path
 from .methods import CosineHead
 
 if TYPE_CHECKING:
@@ -49,13 +50,6 @@ def _refuse(adapter: Adapter, target: str, why: str, fix: str = "use --format on
 def _require_open_clip_backbone(adapter: Adapter, target: str) -> None:
     if adapter.backbone.name == "lite":
         raise _refuse(adapter, target, "the lite backbone is not an open_clip model")
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UsageError("output already exists", path=path, fix="choose another -o or pass --force")
-    if not path.parent.resolve().is_dir():
-        raise UsageError("output folder does not exist", path=path.parent)
 
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -103,7 +97,7 @@ def _uses_quick_gelu(model: nn.Module) -> bool:
 
 def export_open_clip(adapter: Adapter, path: str | Path, *, force: bool = False) -> dict[str, Any]:
     path = Path(path)
-    _check_output(path, force)
+    check_output_path(path, force=force)
     state = folded_state_dict(adapter)
     name = adapter.backbone.name
     kwargs = {"force_quick_gelu": True} if _uses_quick_gelu(adapter.backbone.model) else {}
@@ -232,7 +226,7 @@ def export_onnx(adapter: Adapter, path: str | Path, *, force: bool = False, opse
     path = Path(path)
     sidecar = onnx_sidecar_path(path)
     for target in (path, sidecar):
-        _check_output(target, force)
+        check_output_path(target, force=force)
     if adapter.backbone.device.type != "cpu" or adapter.backbone.precision != "fp32":
         raise UsageError(
             "ONNX export runs on the CPU in fp32", fix="load the adapter with device='cpu', precision='fp32'"

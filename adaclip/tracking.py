@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import UsageError
+from .files import check_output_path
 
 TRACKERS = ("tensorboard", "mlflow")
 SCALARS = ("loss", "lr", "train_accuracy", "val_accuracy", "images_per_second")
@@ -46,10 +47,7 @@ class JsonlLog:
 
     @staticmethod
     def check(path: Path, *, force: bool = False) -> None:
-        if path.exists() and not force:
-            raise UsageError("log file already exists", path=path, fix="choose another --log-jsonl or pass --force")
-        if not path.parent.resolve().is_dir():
-            raise UsageError("log folder does not exist", path=path.parent)
+        check_output_path(path, force=force, what="log file", option="--log-jsonl")
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
