@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,22 @@ def _global_options(
         set_progress(False)
 
 
-def command(*args: Any, **kwargs: Any):
+def command(*args: Any, heavy: bool | Callable[[dict[str, Any]], bool] = True, **kwargs: Any):
     """`app.command` plus adaclip's error policy: an AdaclipError becomes one line on stderr and its
-    exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback."""
+    exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback.
+
+    A `heavy` command (or one whose options make `heavy(options)` true) imports torch, torchvision and
+    open_clip before its body, while Ctrl-C still ends the process at once (see adaclip._interrupt);
+    from its body on, Ctrl-C raises KeyboardInterrupt."""
 
     def decorate(function):
         @functools.wraps(function)
         def run(*fargs: Any, **fkwargs: Any):
+            from ._interrupt import import_heavy_modules, interrupts_raise
+
+            if heavy(fkwargs) if callable(heavy) else heavy:
+                import_heavy_modules()
+            interrupts_raise()
             try:
                 return function(*fargs, **fkwargs)
             except AdaclipError as exc:
@@ -686,7 +696,7 @@ def tta(
 # ------------------------------------------------------------------------------------------ info
 
 
-@command()
+@command(heavy=lambda options: options.get("adapter_path") is None)  # `info FILE` needs no torch
 def info(
     adapter_path: Path | None = typer.Argument(None, metavar="[ADAPTER]", help="An .adaclip file to describe."),
     method: str | None = typer.Option(
@@ -899,7 +909,7 @@ def serve(
     )
 
 
-@command()
+@command(heavy=False)
 def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     """List the available methods."""
     from .method_catalog import builtin_methods
@@ -909,7 +919,7 @@ def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     write_records(records, fmt if fmt == "json" else "table", ["method", "class_agnostic", "summary"], title="methods")
 
 
-@command()
+@command(heavy=False)
 def version() -> None:
     """Print the adaclip version."""
     typer.echo(__version__)
@@ -927,19 +937,20 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ._interrupt import exit_130_until_started, interrupts_raise
+    from ._interrupt import exit_130_until_started, forget_caught_interrupt
 
-    exit_130_until_started()
+    exit_130_until_started()  # until a command's body starts (see `command`)
     argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        interrupts_raise()  # the commands catch KeyboardInterrupt from here on
         app(args=argv, prog_name="adaclip")
-    except KeyboardInterrupt:  # outside a command (parsing options, writing its output): still one line
+    except KeyboardInterrupt:  # outside a command's own handling (writing its output): still one line
         log.error("interrupted")
         sys.exit(130)
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    finally:
+        forget_caught_interrupt()  # every way out is an exit code, never CPython's death by SIGINT
 
 
 def _silence_stdout() -> None:
