@@ -167,6 +167,27 @@ def test_fit_skips_a_fifo_in_a_class_folder(tiny_backbone, tmp_path):
     assert adapter.metadata.training.skipped_images == 1
 
 
+@pytest.mark.parametrize("option", ["--classes", "--token-file"])
+def test_a_fifo_as_class_file_or_token_file_is_refused_not_waited_on(zs_file, dataset, tmp_path, option):
+    fifo = tmp_path / "names.txt"
+    os.mkfifo(fifo)
+    if option == "--classes":
+        args = ["fit", str(dataset), "-m", "linear-probe", "-o", str(tmp_path / "x.adaclip"), *TINY_ARGS]
+    else:
+        pytest.importorskip("uvicorn")
+        args = ["serve", str(zs_file), "--port", "0", "--device", "cpu"]
+    run = subprocess.run(
+        [sys.executable, "-m", "adaclip", *args, option, str(fifo)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,  # a read that blocks on the pipe would never end
+    )
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "named pipe" in lines[0] and str(fifo) in lines[0], lines
+
+
 # ------------------------------------------------------------------------------------------ 3. symlinks
 
 
