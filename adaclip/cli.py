@@ -270,7 +270,12 @@ def fit(
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep OUTPUT.ckpt after success."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower on GPU)."),
     log_jsonl: Path | None = typer.Option(
-        None, "--log-jsonl", help="Also write one JSON object per epoch (loss, lr, accuracy, images/s) to FILE."
+        None,
+        "--log-jsonl",
+        help=(
+            'Also write one JSON object per step and per epoch to FILE ("event": "step" or "epoch"; '
+            "loss, lr, accuracy, images/s)."
+        ),
     ),
     tracker: str | None = typer.Option(
         None,
@@ -408,13 +413,19 @@ def _claimed_output(output: Path | None, *, force: bool, inputs: list[Path], loc
 
 
 def _fit_with_logs(fit_adapter, run_logs, *args, **kwargs):
-    """`fit_adapter(*args, **kwargs)` with each epoch's record handed to the run logs."""
+    """`fit_adapter(*args, **kwargs)` with each step's and each epoch's record handed to the run logs."""
+    if not run_logs:
+        return fit_adapter(*args, **kwargs)
+
+    def on_step_end(record: dict) -> None:
+        for run_log in run_logs:
+            run_log.log_step(record)
 
     def on_epoch_end(epoch: int, record: dict) -> None:
         for run_log in run_logs:
             run_log.log_epoch(record)
 
-    return fit_adapter(*args, on_epoch_end=on_epoch_end if run_logs else None, **kwargs)
+    return fit_adapter(*args, on_epoch_end=on_epoch_end, on_step_end=on_step_end, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ predict
