@@ -131,7 +131,7 @@ def complete_method(incomplete: str) -> list[str]:
 def complete_backbone(incomplete: str) -> list[str]:
     import importlib.util
 
-    names = ["lite"]
+    names = ["lite", "hf-hub:"]  # hf-hub:ORG/NAME, an open_clip model repo on the Hugging Face Hub
     spec = importlib.util.find_spec("open_clip")
     for location in (spec.submodule_search_locations or []) if spec else []:
         names += sorted(p.stem for p in (Path(location) / "model_configs").glob("*.json"))
@@ -165,7 +165,7 @@ PretrainedOpt = typer.Option(
     None,
     "--pretrained",
     "-p",
-    help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights).",
+    help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights); a revision for hf-hub:.",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
