@@ -189,6 +189,7 @@ def test_debug_shows_traceback(capsys):
             assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_real_subprocess_round_trip(dataset, tmp_path):
     env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
     out = tmp_path / "zs.adaclip"
@@ -225,6 +226,7 @@ def test_real_subprocess_round_trip(dataset, tmp_path):
     assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
 
 
+@pytest.mark.slow
 def test_closed_pipe_exits_quietly_with_0(probe_file, dataset):
     """`adaclip predict ... | head -1`: the reader leaves early; exit 0 with nothing on stderr but logs."""
     folder = str(dataset / "test")
