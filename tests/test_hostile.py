@@ -499,7 +499,9 @@ def _assert_interrupted(process: subprocess.Popen, context) -> None:
     text = stderr.decode(errors="replace")
     assert process.returncode == 130, (context, process.returncode, text[-2000:])
     assert "Traceback" not in text, text[-2000:]
-    assert [line for line in text.splitlines() if line.startswith("error: ")] == ["error: interrupted"], text[-2000:]
+    # One line; once training runs (a fast machine) it also says where it stopped and what was kept.
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted"), text[-2000:]
 
 
 @pytest.mark.parametrize("after_import_began", [0.0, 0.3, 0.6, 0.9, 1.2])
