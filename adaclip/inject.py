@@ -11,6 +11,7 @@ the last axis of token tensors, axis 1 of convolutional feature maps).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,7 +115,9 @@ class BlockSelection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     towers: Literal["both", "image", "text"] = Field("both", description="which encoders get adapted")
-    blocks: str = Field("all", description="1-based blocks of each tower: all, lastN, 5-12, or a list like 1,3,9-12")
+    blocks: str = Field(
+        "all", description="1-based blocks of each tower: all, lastN, lastP% (second-half = last50%), 5-12, 1,3,9-12"
+    )
     image_blocks: str | None = Field(None, description="overrides `blocks` for the image tower")
     text_blocks: str | None = Field(None, description="overrides `blocks` for the text tower")
 
@@ -134,13 +137,24 @@ class BlockSelection(BaseModel):
 
 
 def parse_block_selection(spec: str, n_blocks: int) -> list[int]:
-    """`all`, `none`, `5-12`, `1,3,7-9`, `last4` -> sorted 0-based indices (1-based in the spec),
-    clipped to the tower's block count."""
+    """`all`, `none`, `5-12`, `1,3,7-9`, `last4`, `last50%` (or `second-half`) -> sorted 0-based indices
+    (1-based in the spec), clipped to the tower's block count. `lastP%` is relative to the tower's depth
+    (the last ceil(P% of n) blocks, at least one), so one spec means the same part of a 6-block and a
+    12-block tower; the absolute forms name the same blocks whatever the depth."""
     spec = spec.strip().lower().replace(" ", "")
     if spec in ("all", "*"):
         return list(range(n_blocks))
     if spec in ("none", ""):
         return []
+    if spec == "second-half":
+        spec = "last50%"
+    match = re.fullmatch(r"last(\d+(?:\.\d+)?)%", spec)
+    if match:
+        percent = float(match.group(1))
+        if not 0 < percent <= 100:
+            raise ValueError(f"bad block selection {spec!r}: lastP% needs 0 < P <= 100")
+        count = max(1, math.ceil(n_blocks * percent / 100 - 1e-9)) if n_blocks else 0
+        return list(range(n_blocks - count, n_blocks))
     match = re.fullmatch(r"last(\d+)", spec)
     if match:
         return list(range(max(0, n_blocks - int(match.group(1))), n_blocks))
@@ -148,7 +162,9 @@ def parse_block_selection(spec: str, n_blocks: int) -> list[int]:
     for part in spec.split(","):
         bounds = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not bounds:
-            raise ValueError(f"bad block selection {spec!r}: use all, none, lastN, or 1-based numbers/ranges like 5-12")
+            raise ValueError(
+                f"bad block selection {spec!r}: use all, none, lastN, lastP%, or 1-based numbers/ranges like 5-12"
+            )
         lo = int(bounds.group(1))
         hi = int(bounds.group(2) or lo)
         if lo < 1 or hi < lo:

@@ -216,7 +216,7 @@ def train(
         resumed = True
         log.info(f"resuming from {checkpoint.path} at epoch {position.epoch + 1}, step {position.step_in_epoch}")
 
-    references = _reference_features(model, data.train, cfg, workers)
+    references = ReferenceViews(model, data.train, cfg, workers) if ReferenceViews.wanted(model) else None
     step_module: nn.Module = _StepModule(model)
     if dist_ctx.enabled:
         device_ids = [backbone.device.index] if backbone.device.type == "cuda" else None
@@ -234,13 +234,27 @@ def train(
                 epoch_start = time.perf_counter()
                 model.train()
                 order = epoch_order(n, seed, epoch)
+                crop_epoch = references.crop_epoch(epoch) if references is not None else epoch
                 batches = _epoch_batches(
-                    model, data, cfg, cache, epoch, order, position.step_in_epoch, seed, workers, dist_ctx, skipped
+                    model,
+                    data,
+                    cfg,
+                    cache,
+                    epoch,
+                    order,
+                    position.step_in_epoch,
+                    seed,
+                    workers,
+                    dist_ctx,
+                    skipped,
+                    crop_epoch,
                 )
                 step_start = time.perf_counter()
                 for global_n, labels, pixels, features, indices, weight in batches:
-                    refs = references[indices.to(references.device)] if references is not None else None
+                    refs = references.lookup(epoch, indices) if references is not None else None
                     loss, ctx = step_module(labels, pixels, features, refs)
+                    if references is not None and refs is None and weight > 0:
+                        references.store(epoch, indices, ctx.reference_image_features)
                     # Each rank's mean is rescaled so that DDP's average equals the mean over the global batch.
                     scaled = loss * (weight * len(labels) * dist_ctx.world / global_n)
                     optimizer.zero_grad(set_to_none=True)
@@ -424,17 +438,58 @@ def _calibrate(model: AdaptedCLIP, validator: _Validator) -> bool:
     return True
 
 
-def _reference_features(model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
-    """Frozen zero-shot features of every training image (un-augmented view), by dataset position, when
-    a component's consistency loss needs them: one pass up front instead of one extra pass per step."""
-    wanted = any(c.uses_image_reference for c in model.components)
-    if not wanted or model.image_tower_frozen or cfg.reference_features != "cached":
-        return None
-    with model.components_disabled():
-        encoded = encode_images(
-            model, images, model.backbone.eval_transform(), workers=workers, description="zero-shot references"
-        )
-    return _by_position(encoded, len(images), model.backbone.embed_dim)
+class ReferenceViews:
+    """Frozen zero-shot image features of the exact crops the adapted image tower trains on, for
+    consistency losses (PromptSRC compares the frozen and adapted model on the same augmented image).
+
+    With reference_features='views' each image cycles through `views` fixed augmented crops (epoch e shows
+    crop e % views) and a crop's frozen features are kept the first time a step computes them, so the
+    extra frozen forward is paid in the first `views` epochs only. 'bypass' keeps fresh crops every epoch
+    and lets every step recompute; 'unaugmented' is the old reference (un-augmented image, one pass up
+    front), which does not match the augmented crop."""
+
+    def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
+        self.mode = cfg.reference_features
+        self.views = cfg.cache_views if cfg.augment else 1
+        n, dim, device = len(images), model.backbone.embed_dim, model.backbone.device
+        self._unaugmented: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None
+        self._filled: torch.Tensor | None = None
+        if self.mode == "unaugmented":
+            with model.components_disabled():
+                encoded = encode_images(
+                    model, images, model.backbone.eval_transform(), workers=workers, description="zero-shot references"
+                )
+            self._unaugmented = _by_position(encoded, n, dim)
+        elif self.mode == "views":
+            self._table = torch.zeros(self.views, n, dim, device=device)
+            self._filled = torch.zeros(self.views, n, dtype=torch.bool)
+
+    @classmethod
+    def wanted(cls, model: AdaptedCLIP) -> bool:
+        return not model.image_tower_frozen and any(c.uses_image_reference for c in model.components)
+
+    def crop_epoch(self, epoch: int) -> int:
+        """The augmentation epoch of training epoch `epoch` (cycles through the views in 'views' mode)."""
+        return epoch % self.views if self.mode == "views" else epoch
+
+    def lookup(self, epoch: int, indices: torch.Tensor) -> torch.Tensor | None:
+        """The batch's references, or None: the step then computes them (StepContext) and `store` keeps them."""
+        if self._unaugmented is not None:
+            return self._unaugmented[indices.to(self._unaugmented.device)]
+        if self._table is None:
+            return None
+        view = self.crop_epoch(epoch)
+        if not bool(self._filled[view, indices.cpu()].all()):
+            return None
+        return self._table[view, indices.to(self._table.device)]
+
+    def store(self, epoch: int, indices: torch.Tensor, features: torch.Tensor | None) -> None:
+        if self._table is None or features is None:
+            return
+        view = self.crop_epoch(epoch)
+        self._table[view, indices.to(self._table.device)] = features.detach().to(self._table.dtype)
+        self._filled[view, indices.cpu()] = True
 
 
 def _epoch_batches(
@@ -449,9 +504,10 @@ def _epoch_batches(
     workers,
     dist_ctx: DistContext,
     skipped: dict[str, SkippedImage],
+    crop_epoch: int,
 ) -> Iterator[tuple]:
     """Yield (global readable count, labels, pixels | None, features | None, dataset positions, weight)
-    for this rank, from global batch `start_step` of the epoch on."""
+    for this rank, from global batch `start_step` of the epoch on; augmented crops are those of `crop_epoch`."""
     global_batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][start_step:]
     shards = [shard_of_batch(batch, dist_ctx, cfg.batch_size) for batch in global_batches]
     device = model.backbone.device
@@ -468,7 +524,7 @@ def _epoch_batches(
     backbone = model.backbone
     transform = backbone.train_transform(cfg.min_crop_scale) if cfg.augment else backbone.eval_transform()
     dataset = ImageDataset.from_labelled(data.train, transform, seed=seed if cfg.augment else None)
-    dataset.epoch = epoch
+    dataset.epoch = crop_epoch
     loader = make_loader(
         dataset, batch_sampler=[s.tolist() for s in shards], workers=workers, pin_memory=device.type == "cuda"
     )

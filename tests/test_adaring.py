@@ -16,6 +16,8 @@ from adaclip.tensor_ring import TensorRing, balanced_factors, tr_num_parameters,
 from .conftest import meta_backbone
 
 ALL_BLOCKS = {"blocks": "all"}
+# Default settings on ViT-B/16 (blocks last50%: 6 of 12 in each tower), counted on the meta device.
+EXPECTED_VIT_B16 = 30_246
 
 
 def _pixels(backbone, n=4, seed=0):
@@ -150,6 +152,30 @@ def test_block_selection_syntax():
         parse_block_selection("5..7", 12)
 
 
+def test_relative_block_selection_follows_tower_depth():
+    """`lastP%` takes the last ceil(P% of n) blocks of each tower, so the default adapts the second half of
+    lite's 6-block text tower (3 blocks, where the old absolute 5-12 gave 2) and of ViT-B/16's 12."""
+    assert parse_block_selection("last50%", 12) == list(range(6, 12))
+    assert parse_block_selection("last50%", 6) == [3, 4, 5]
+    assert parse_block_selection("last50%", 5) == [2, 3, 4]
+    assert parse_block_selection("second-half", 3) == [1, 2]
+    assert parse_block_selection("last100%", 4) == [0, 1, 2, 3]
+    assert parse_block_selection("last1%", 12) == [11]
+    assert parse_block_selection("last50%", 0) == []
+    for bad in ("last0%", "last150%", "last%"):
+        with pytest.raises(ValueError):
+            parse_block_selection(bad, 12)
+
+
+def test_default_blocks_are_the_second_half_of_each_tower(tiny_backbone):
+    model = AdaptedCLIP(tiny_backbone, make_method_config("adaring"), ["a", "b"], ["{}"])
+    placements = model.components[0].placements
+    image = [name for tower, name, *_ in placements if tower == "image"]
+    text = [name for tower, name, *_ in placements if tower == "text"]
+    assert image == ["transformer.resblocks.2", "transformer.resblocks.3"]  # of 4
+    assert len(text) == 2  # of 3
+
+
 # ------------------------------------------------------------------------------------------ method
 
 
@@ -201,7 +227,7 @@ def test_vit_b16_default_parameter_budget():
     model = AdaptedCLIP(meta_backbone("ViT-B-16"), make_method_config("adaring"), ["a", "b"], ["{}"])
     breakdown = model.parameter_breakdown()
     assert sum(breakdown.values()) <= 67_456
-    assert sum(breakdown.values()) == 30_918
+    assert sum(breakdown.values()) == EXPECTED_VIT_B16
     assert {k.split(".")[2] for k in breakdown} == {"image_w768", "text_w512"}
 
 
@@ -276,7 +302,7 @@ def test_models_sharing_a_backbone_do_not_stack(tiny_backbone):
 
 def test_bad_block_selection_is_a_usage_error(tiny_backbone):
     with pytest.raises(UsageError, match="matches no block"):
-        AdaptedCLIP(tiny_backbone, make_method_config("adaring"), ["a", "b"], ["{}"])  # 5-12 on 4 blocks
+        AdaptedCLIP(tiny_backbone, make_method_config("adaring", {"blocks": "5-12"}), ["a", "b"], ["{}"])  # 4 blocks
     with pytest.raises(UsageError, match="bad block"):
         AdaptedCLIP(tiny_backbone, make_method_config("adaring", {"blocks": "x"}), ["a", "b"], ["{}"])
 
@@ -316,3 +342,72 @@ def test_cli_fit_info_and_merged_export(dataset, tmp_path):
     ]
     assert [r["label"] for r in exported] == [r["label"] for r in original] and len(original) == 6
     assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(exported, original, strict=True))
+
+
+# ------------------------------------------------------------------------------------------ consistency
+
+
+def _terms_per_step(monkeypatch) -> list[dict[str, float]]:
+    """Record AdaRing's consistency terms at every training step."""
+    from adaclip.methods.adaring import AdaRingAdapters
+
+    recorded: list[dict[str, float]] = []
+    original = AdaRingAdapters.loss_terms
+
+    def recording(self, ctx):
+        terms = original(self, ctx)
+        recorded.append({k: float(v.detach()) for k, v in terms.items()})
+        return terms
+
+    monkeypatch.setattr(AdaRingAdapters, "loss_terms", recording)
+    return recorded
+
+
+@pytest.mark.parametrize("reference", ["views", "bypass"])
+def test_consistency_terms_are_zero_at_step_zero_on_augmented_batches(dataset, tiny_backbone, monkeypatch, reference):
+    """The frozen references are of the same augmented crop (PromptSRC): while the adapter is a no-op every
+    consistency term is 0. With lr 1e-12 the adapter stays a no-op for the whole run, so the terms of the
+    second epoch check the kept references too ('views' with one view: epoch 2 reuses epoch 1's crops)."""
+    recorded = _terms_per_step(monkeypatch)
+    train = {"lr": 1e-12, "epochs": 2, "augment": True, "cache_views": 1, "reference_features": reference}
+    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config={"train": train})
+    assert len(recorded) >= 4 and set(recorded[0]) == {"text_l1", "image_l1", "logit_kl"}
+    assert max(v for terms in recorded for v in terms.values()) < 1e-7, recorded
+
+
+def test_unaugmented_reference_mismatches_the_crop(dataset, tiny_backbone, monkeypatch):
+    """The old reference (un-augmented image against an augmented crop), kept as a named setting: its
+    terms are not 0 at step 0, which is the defect 'views' fixes."""
+    recorded = _terms_per_step(monkeypatch)
+    train = {"lr": 1e-12, "epochs": 1, "augment": True, "reference_features": "unaugmented"}
+    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config={"train": train})
+    assert recorded[0]["image_l1"] > 1e-4 and recorded[0]["logit_kl"] > 1e-6, recorded[0]
+    assert recorded[0]["text_l1"] < 1e-7
+
+
+def test_logit_consistency_uses_promptsrc_reduction(tiny_backbone):
+    """KL(zero-shot || adapted) summed over batch and classes and divided by B * K, as PromptSRC's
+    trainer does; written here in plain torch from that formula."""
+    from adaclip.model import StepContext
+
+    classes = ["a", "b", "c", "d", "e"]
+    model = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, ["{}"])
+    generator = torch.Generator().manual_seed(0)
+    dim = tiny_backbone.embed_dim
+    refs = torch.nn.functional.normalize(torch.randn(6, dim, generator=generator), dim=-1)
+    logits = torch.randn(6, len(classes), generator=generator) * 5
+    ctx = StepContext(
+        model=model,
+        pixels=None,
+        labels=torch.zeros(6, dtype=torch.long),
+        image_features=refs,
+        class_features=model.zero_shot_class_features(),
+        logits=logits,
+        reference_image_features=refs,
+    )
+    weight = model.components[0].settings.logit_consistency
+    got = model.components[0].loss_terms(ctx)["logit_kl"] / weight
+    teacher = tiny_backbone.logit_scale * refs @ model.zero_shot_class_features().t()
+    p, log_p, log_q = teacher.softmax(-1), teacher.log_softmax(-1), logits.log_softmax(-1)
+    expected = (p * (log_p - log_q)).sum() / (6 * len(classes))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

@@ -10,7 +10,8 @@ What the paper confirms (arXiv 2508.11870, abstract only; no public code):
 adaclip's reconstruction (every item below is a field of `AdaRingConfig`):
   * Placement: a parallel adapter per residual block, fed by the block's input normalised (a
     parameter-free LayerNorm over channels) and added to its output: y = block(x) + s * A_l(LN(x)).
-    Default blocks 5-12 (1-based) of both towers; any tower whose blocks keep their input shape works
+    Default blocks: the second half of each tower (`last50%`, relative to its depth; absolute forms like
+    5-12 stay available); any tower whose blocks keep their input shape works
     (ViT and text transformers, Hugging Face layers, timm CNN residual blocks; see adaclip.inject).
   * Adapter: A_l(x) = act(x W_down[l]) W_up[l], bottleneck `bottleneck` per ring.
   * Cross-layer rings: for each tower and width (blocks of equal width form a group of L layers), the
@@ -29,10 +30,13 @@ adaclip's reconstruction (every item below is a field of `AdaRingConfig`):
     CE + text_consistency * L1(text features, zero-shot text features)
        + image_consistency * L1(image features, zero-shot image features)
        + logit_consistency * KL(zero-shot probabilities || adapted probabilities),
-    with weights 1 / 1 / 0.5 by default (PromptSRC's 25 / 10 / 1 are settings away; docs/tuning.md).
-    Zero-shot text features are computed once per run; zero-shot image features are cached once per
-    training image from its un-augmented view (TrainConfig.reference_features="cached"), so
-    consistency costs no extra forward pass per step ("bypass" recomputes them exactly instead).
+    on PromptSRC's scale (L1 means over entries, KL summed / (B * K)), weights 1 / 1 / 5 by default
+    (PromptSRC's 25 / 10 / 1 are settings away; docs/tuning.md).
+    The frozen references are of the same augmented crop the adapted model sees, as in PromptSRC:
+    zero-shot text features are computed once per run; each training image cycles through `cache_views`
+    fixed augmented crops whose frozen features are kept once computed
+    (TrainConfig.reference_features="views"), so the extra frozen forward is paid in the first
+    `cache_views` epochs only ("bypass": fresh crops, one extra frozen forward every step).
   * Efficiency: each group's per-layer matrices are materialised once per tower pass (a chain of small
     matrix products); `merge()` freezes them for inference, and `adaclip export --merged` stores them
     so predict never reconstructs. Backward stops at the first adapted block, as nothing before it
@@ -63,7 +67,11 @@ _ACTIVATIONS = {"identity": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 class AdaRingSettings(BlockSelection):
     """AdaRing's own settings; shared by `adaring` and composite methods that include it."""
 
-    blocks: str = Field("5-12", description="1-based blocks of each tower: 5-12, all, lastN, or a list like 1,3,9-12")
+    # Relative to each tower's depth: the second half of lite's 6-block text tower is 3 blocks, of ViT-B/16's
+    # 12 it is 6 (the old absolute default 5-12 left lite's text tower 2 blocks; docs/tuning.md).
+    blocks: str = Field(
+        "last50%", description="1-based blocks of each tower: lastP% (default last50%), all, lastN, 5-12, 1,3,9-12"
+    )
     ranks: list[int] = Field([2, 4, 8], description="one tensor ring per rank; their adapters cooperate")
     bottleneck: int = Field(32, ge=1, description="adapter bottleneck width of each ring's adapter")
     width_modes: Literal["factorized", "single"] = Field(
@@ -73,12 +81,14 @@ class AdaRingSettings(BlockSelection):
     activation: Literal["identity", "gelu", "relu"] = Field("gelu", description="between down and up projection")
     scale: float = Field(1.0, description="s in y = block(x) + s * adapter(LN(x))")
     learnable_gates: bool = Field(True, description="one learnable gate per ring (init 1)")
-    # PromptSRC uses 25 / 10 / 1 for prompts on ViT-B/16 CLIP. With adapters inside the encoders those
-    # weights held the lite backbone near its 30% zero-shot (56% vs 73% without consistency, docs/tuning.md);
-    # 1 / 1 / 0.5 keeps a light pull towards the frozen model (69%) for generalisation to new classes.
+    # One scale with PromptSRC (25 / 10 / 1 for prompts on ViT-B/16): L1 means over feature entries, the
+    # KL summed and divided by B * K (PromptSRC's reduction). With adapters inside the encoders PromptSRC's
+    # weights held the lite backbone near its 30% zero-shot; the defaults keep a lighter pull (docs/tuning.md).
     text_consistency: float = Field(1.0, ge=0, description="weight of L1(text features, zero-shot text features)")
     image_consistency: float = Field(1.0, ge=0, description="weight of L1(image features, zero-shot image features)")
-    logit_consistency: float = Field(0.5, ge=0, description="weight of KL(zero-shot || adapted) on logits")
+    logit_consistency: float = Field(
+        5.0, ge=0, description="weight of KL(zero-shot || adapted) on logits, summed / (batch x classes) as PromptSRC"
+    )
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -275,7 +285,9 @@ class AdaRingAdapters(Component):
         if s.logit_consistency > 0:
             teacher = ctx.zero_shot_logits().softmax(dim=-1)
             student = ctx.logits.log_softmax(dim=-1)
-            terms["logit_kl"] = s.logit_consistency * F.kl_div(student, teacher, reduction="batchmean")
+            # PromptSRC's reduction: the sum over batch and classes divided by B * K (not batchmean's B)
+            kl = F.kl_div(student, teacher, reduction="sum") / ctx.logits.numel()
+            terms["logit_kl"] = s.logit_consistency * kl
         return terms
 
     def parameter_breakdown(self) -> dict[str, int]:

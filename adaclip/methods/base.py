@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -51,14 +51,24 @@ class TrainConfig(BaseModel):
             "or `cache_views` augmented views and cycle through them ('augmented'); 'off' re-encodes every epoch"
         ),
     )
-    cache_views: int = Field(4, ge=1, description="augmented views per image kept by feature_cache='augmented'")
-    reference_features: Literal["cached", "bypass"] = Field(
-        "cached",
+    cache_views: int = Field(
+        4, ge=1, description="augmented views per image (feature_cache='augmented', reference_features='views')"
+    )
+    reference_features: Literal["views", "bypass", "unaugmented"] = Field(
+        "views",
         description=(
-            "frozen zero-shot image features for consistency losses: encoded once per training image from its "
-            "un-augmented view ('cached'), or recomputed on every augmented batch with adapters bypassed ('bypass')"
+            "frozen zero-shot image features for consistency losses: 'views' cycles each image through "
+            "`cache_views` fixed augmented views and keeps the frozen "
+            "features of each view once computed; 'bypass' draws fresh crops and recomputes them every step "
+            "(one extra frozen forward per step); 'unaugmented' is the old mismatched reference (the "
+            "un-augmented image against an augmented crop), kept for comparison"
         ),
     )
+
+    @field_validator("reference_features", mode="before")
+    @classmethod
+    def _old_reference_name(cls, value):
+        return "unaugmented" if value == "cached" else value  # adapter files written before 'views' existed
 
 
 class MethodConfig(BaseModel):
