@@ -40,7 +40,8 @@ DEFAULT_METHODS = [
     "adaring+rada",
     "full-ft",
 ]
-# AdaRing's default blocks are 5-12 of a ViT-B; the lite text tower has 6 layers, its image tower 9 blocks.
+# AdaRing's default blocks are the second half of each tower (last50%): 6 of a ViT-B's 12, 3 of the lite
+# text tower's 6, 5 of its image tower's 9.
 PER_BACKBONE_SETTINGS: dict[str, dict[str, dict]] = {}
 
 
