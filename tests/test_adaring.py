@@ -380,7 +380,9 @@ def test_unaugmented_reference_mismatches_the_crop(dataset, tiny_backbone, monke
     terms are not 0 at step 0, which is the defect 'views' fixes."""
     recorded = _terms_per_step(monkeypatch)
     train = {"lr": 1e-12, "epochs": 1, "augment": True, "reference_features": "unaugmented"}
-    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config={"train": train})
+    weights = {"text_consistency": 1.0, "image_consistency": 1.0, "logit_consistency": 1.0}
+    config = {"train": train, **weights}
+    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config=config)
     assert recorded[0]["image_l1"] > 1e-4 and recorded[0]["logit_kl"] > 1e-6, recorded[0]
     assert recorded[0]["text_l1"] < 1e-7
 
