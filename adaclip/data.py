@@ -491,13 +491,38 @@ def prepare_training_data(
         )
     if shots is not None and shots < 1:
         raise InputError(f"--shots must be at least 1, got {shots}")
-    pool = list(train_folder.images)
-    val: list[LabelledImage] = []
-    val_source = "none"
+    val_images = None
     if splits and "val" in splits:
         val_folder = read_image_folder(splits["val"], classes_file)
         _check_same_classes(train_folder, val_folder)
-        val, val_source = list(val_folder.images), "val/ folder"
+        val_images = list(val_folder.images)
+    return split_training_pool(
+        train_folder, list(train_folder.images), val_images, shots=shots, seed=seed, val_split=val_split, notes=notes
+    )
+
+
+def split_training_pool(
+    train_folder: ImageFolder,
+    pool: list[LabelledImage],
+    val_images: list[LabelledImage] | None,
+    *,
+    shots: int | None,
+    seed: int,
+    val_split: float | Literal["auto"] = "auto",
+    notes: list[str] | None = None,
+) -> TrainingData:
+    """Training and validation images from a training pool (`fit`'s rule, which `compare` shares).
+
+    `pool` is the folder's training images (`compare` first removes its test hold-out); `val_images`
+    those of a `val/` folder, if any, which then is the validation set.
+    """
+    val_split = check_val_split(val_split)
+    notes = list(notes or [])
+    n_classes = len(train_folder.folders)
+    val: list[LabelledImage] = []
+    val_source = "none"
+    if val_images is not None:
+        val, val_source = list(val_images), "val/ folder"
     elif val_split != "auto" and float(val_split) > 0:
         if not 0 < float(val_split) < 1:
             raise InputError(f"--val-split must be in [0, 1), got {val_split}")
@@ -512,7 +537,7 @@ def prepare_training_data(
         if shots
         else sorted(pool, key=lambda im: (im.label, str(im.path)))
     )
-    if val_split == "auto" and shots is not None and not (splits and "val" in splits):
+    if val_split == "auto" and shots is not None and val_images is None:
         chosen = {im.path for im in train}
         rest = [im for im in pool if im.path not in chosen]
         if len(rest) > MAX_AUTO_VAL:

@@ -13,9 +13,10 @@ Protocols
   Methods tied to their training classes (linear-probe, tip-adapter) have no "new" score.
 * test-time adaptation (when `adaclip tta` is available): see benchmarks.tta.
 
-No validation split is used (`--val-split 0`): the test set is the only held-out data, and it is never
-used for choices. Methods whose image tower stays frozen are scored on test features encoded once;
-the others encode the test set through their adapted tower.
+No validation split is used (`val_split=0`): the test set is the only held-out data, and it is never
+used for choices. The runs are `adaclip.comparison`'s (the engine of `adaclip compare`), so the
+protocol lives in the product: the same sampling as `fit --shots K --seed s`, the test images scored
+as compare scores them, and frozen-tower methods sharing one encoding per (image, view).
 
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
@@ -29,11 +30,7 @@ import json
 import platform
 import statistics
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
@@ -76,95 +73,45 @@ def prepare_dataset(root: Path = CACHE) -> Path:
     return root
 
 
-@dataclass
-class TestSet:
-    """The 10-class test folder; its frozen-tower features are encoded once and shared by every method
-    whose image tower stays frozen."""
+def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared):
+    """The compare engine for one (protocol, shots): test/ is the test set, no validation split;
+    base-to-new trains on BASE (in sorted folder order, as its folder would list them)."""
+    from adaclip.comparison import Comparison, make_protocol
 
-    folder: Path
-    classes_file: Path
-    frozen: tuple[torch.Tensor, torch.Tensor] | None = None
-    _index: object = None
-
-    def index(self):
-        from adaclip.data import prepare_eval_data
-
-        if self._index is None:
-            self._index = prepare_eval_data(self.folder, self.classes_file)
-        return self._index
-
-    def features(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels as indices into FOLDERS) through the adapter's image tower."""
-        from adaclip.inference import encode_images
-
-        if adapter.model.image_tower_frozen and self.frozen is not None:
-            return self.frozen
-        folder = self.index()
-        encoded = encode_images(adapter.model, folder.images, adapter.backbone.eval_transform(), batch_size=32)
-        labels = torch.tensor([FOLDERS.index(folder.folders[int(y)]) for y in encoded.labels.cpu()])
-        if adapter.model.image_tower_frozen:
-            self.frozen = (encoded.features, labels)
-        return encoded.features, labels
-
-
-def accuracy_among(adapter, features: torch.Tensor, labels: torch.Tensor, folders: tuple[str, ...]) -> float:
-    """Accuracy on the images of `folders`, each scored among those classes only."""
-    from adaclip.inference import logits_in_batches
-
-    names = json.loads((ROOT / "sample_data" / "classes.json").read_text())
-    scored = [names[f] for f in folders]
-    if set(scored) == set(adapter.class_names):
-        scored = list(adapter.class_names)  # the adapter's own order: no class switch needed
-    wanted = torch.tensor([FOLDERS.index(f) for f in folders])
-    rows = torch.isin(labels, wanted)
-    with adapter.classes(scored):
-        predictions = logits_in_batches(adapter.model, features[rows.to(features.device)]).argmax(dim=-1).cpu()
-    truth = torch.tensor([scored.index(names[FOLDERS[int(y)]]) for y in labels[rows]])
-    return float((predictions == truth).float().mean())
-
-
-def _fit(args, backbone, data: Path, method: str, train: str, classes: str, shots: int, seed: int):
-    import adaclip
-
-    return adaclip.fit(
-        data / train,
-        method,
-        backbone=backbone,
+    split = make_protocol(
+        data,
         shots=shots,
-        seed=seed,
+        classes=data / "classes.json",
         val_split=0,
-        classes=data / classes,
-        templates=args.templates,
+        base_to_new=sorted(BASE) if protocol == "base-to-new" else False,
     )
+    return Comparison(split, backbone, templates=args.templates, batch_size=32, shared=shared)
 
 
-def few_shot_run(args, backbone, data: Path, method: str, shots: int, seed: int, test: TestSet) -> dict:
-    started = time.perf_counter()
-    adapter = _fit(args, backbone, data, method, "train", "classes.json", shots, seed)
-    fit_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    features, labels = test.features(adapter)
+def _run(comparison, method: str, seed: int):
+    result = comparison.run(method, seed)
+    if result.status != "ok":
+        sys.exit(f"{method} seed {seed} failed: {result.error}")
+    return result
+
+
+def few_shot_run(comparison, method: str, shots: int, seed: int) -> dict:
+    result = _run(comparison, method, seed)
     return {
         "protocol": "few-shot",
         "method": method,
         "shots": shots,
         "seed": seed,
-        "accuracy": accuracy_among(adapter, features, labels, FOLDERS),
-        "trainable_params": adapter.trainable_params,
-        "fit_seconds": round(fit_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - started, 1),
+        "accuracy": result.accuracy,
+        "trainable_params": result.trainable_params,
+        "fit_seconds": round(result.fit_seconds, 1),
+        "eval_seconds": round(result.test_seconds, 1),
     }
 
 
-def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: TestSet) -> dict:
-    from adaclip.methods import method_config_class
-
-    agnostic = method_config_class(method).class_agnostic
-    adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
-    features, labels = test.features(adapter)  # all 10,000 test images, encoded once
-    base_acc = accuracy_among(adapter, features, labels, BASE)
-    new_acc = accuracy_among(adapter, features, labels, NEW) if agnostic else None
-    all_acc = accuracy_among(adapter, features, labels, FOLDERS) if agnostic else None
+def base_to_new_run(comparison, method: str, seed: int) -> dict:
+    result = _run(comparison, method, seed)
+    base_acc, new_acc = result.accuracy, result.new_accuracy  # new is None for class-tied methods
     return {
         "protocol": "base-to-new",
         "method": method,
@@ -172,7 +119,7 @@ def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: Te
         "seed": seed,
         "base": base_acc,
         "new": new_acc,
-        "all": all_acc,
+        "all": result.all_accuracy,
         "hm": 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None,
     }
 
@@ -301,14 +248,20 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(output.read_text())
         report["earlier_commands"] = previous.get("earlier_commands", []) + [previous["command"]]
         done = {_key(r): r for r in previous.get("few_shot", []) + previous.get("base_to_new", [])}
-    test = TestSet(data / "test", data / "classes.json")
+    from adaclip.inference import SharedEncodings
+
+    shared = SharedEncodings()  # one frozen-tower encoding of the test images for every comparison
+    comparisons: dict[tuple[str, int], object] = {}
     plan = planned_runs(args, methods)
     for number, (protocol, method, shots, seed) in enumerate(plan, 1):
         if (protocol, method, shots, seed) not in done:
+            if (protocol, shots) not in comparisons:
+                comparisons[protocol, shots] = comparison_for(args, backbone, data, protocol, shots, shared)
+            comparison = comparisons[protocol, shots]
             if protocol == "few-shot":
-                record = few_shot_run(args, backbone, data, method, shots, seed, test)
+                record = few_shot_run(comparison, method, shots, seed)
             else:
-                record = base_to_new_run(args, backbone, data, method, seed, test)
+                record = base_to_new_run(comparison, method, seed)
             done[_key(record)] = record
             print(f"[{number}/{len(plan)}] " + json.dumps(record), file=sys.stderr, flush=True)
             save(output, report, done, complete=False)  # a run stopped early keeps what it measured

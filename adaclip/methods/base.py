@@ -72,6 +72,8 @@ class MethodConfig(BaseModel):
     trainable: ClassVar[bool] = True
     # True when the method can score class names it was not trained on (base-to-new generalisation).
     class_agnostic: ClassVar[bool] = True
+    # True when every weight of the backbone trains (hours on a CPU): `compare` runs it only on request.
+    tunes_whole_backbone: ClassVar[bool] = False
 
     train: TrainConfig = TrainConfig()
 
