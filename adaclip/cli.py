@@ -718,11 +718,11 @@ def compare(
         None,
         "--methods",
         "-m",
-        help="Comma-separated methods (default: every registered method but full-ft and rada-ft).",
+        help="Comma-separated methods (default: every one but those that fine-tune the whole backbone).",
     ),
     seeds: str = typer.Option("1,2,3", "--seeds", help="Seeds, e.g. --seeds 1 2 3 (every method gets the same)."),
     shots: int | None = typer.Option(
-        None, "--shots", help="K training images per class; validation: min(K, 4) others per class."
+        None, "--shots", help="K training images per class, drawn as `fit --shots K --seed s` draws them."
     ),
     base_to_new: bool = typer.Option(
         False, "--base-to-new", help="Train on the first half of the classes; also score the other half (new)."

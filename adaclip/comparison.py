@@ -656,6 +656,9 @@ def compare(
 
         make_method_config(method, settings)  # invalid settings fail before any work
     protocol = make_protocol(data, shots=shots, classes=classes, base_to_new=base_to_new, val_split=val_split)
+    if out_dir is not None and Path(out_dir).resolve().is_relative_to(Path(data).resolve()):
+        # its runs/ folder would read as a class folder in the next comparison of DATA
+        raise UsageError("--out-dir is inside the data folder", path=out_dir, fix="write it elsewhere")
     store = _RunStore(Path(out_dir), resume=resume, force=force) if out_dir is not None else None
     if store is not None:
         identity = (

@@ -246,6 +246,9 @@ def test_bad_options_fail_before_work(dataset, tmp_path):
         result = runner.invoke(app, ["compare", str(dataset), *methods, *args, *TINY_ARGS])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
+    inside = runner.invoke(app, ["compare", str(dataset), "--out-dir", str(dataset / "runs"), *TINY_ARGS])
+    assert inside.exit_code == 2 and "--out-dir is inside the data folder" in inside.stderr
+    assert not (dataset / "runs").exists()
     kept = tmp_path / "r.html"
     kept.write_text("mine")
     result = runner.invoke(app, ["compare", str(dataset), "-m", "zeroshot", "--report", str(kept), *TINY_ARGS])
