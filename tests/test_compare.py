@@ -367,3 +367,20 @@ def test_accuracy_benchmark_reports_the_leaderboard_numbers(dataset, tiny_backbo
     for row in board.rows:
         mine = [r["accuracy"] for r in records if r["method"] == row.method]
         assert sum(mine) / len(mine) == pytest.approx(row.accuracy, abs=1e-9)
+
+
+def test_frozen_tower_methods_share_one_encoding_of_the_test_images(dataset, tiny_backbone, monkeypatch):
+    import adaclip.inference
+
+    real = adaclip.inference._encode_images
+    encoded: list[int] = []
+
+    def counting(model, images, *args, **kwargs):
+        encoded.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(adaclip.inference, "_encode_images", counting)
+    board = adaclip.compare(dataset, ["zeroshot", "tip-adapter", "linear-probe"], seeds=[1, 2],
+                            backbone=tiny_backbone, config=FAST)  # fmt: skip
+    assert all(r.status == "ok" for r in board.runs)
+    assert encoded.count(24) == 1  # 6 runs, every image tower frozen: the 24 test images encoded once
