@@ -384,3 +384,39 @@ def test_frozen_tower_methods_share_one_encoding_of_the_test_images(dataset, tin
                             backbone=tiny_backbone, config=FAST)  # fmt: skip
     assert all(r.status == "ok" for r in board.runs)
     assert encoded.count(24) == 1  # 6 runs, every image tower frozen: the 24 test images encoded once
+
+
+def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone, tmp_path, monkeypatch):
+    """The bench's base-to-new through compare: trained on the 5 base folders only (in the order its
+    base_train/ folder lists them), new and all scored for class-agnostic methods."""
+    import random
+
+    import benchmarks.accuracy as bench
+
+    from .conftest import draw
+
+    data = tmp_path / "fmnist"
+    rng = random.Random(0)
+    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 210, 40), (200, 40, 200)]
+    for i, folder in enumerate(bench.FOLDERS):
+        for split, n in (("train", 16), ("test", 2)):
+            (data / split / folder).mkdir(parents=True)
+            for j in range(n):
+                draw(colours[i % 5], ("circle", "square")[i // 5], rng).save(data / split / folder / f"{j}.png")
+    (data / "classes.json").write_text((bench.ROOT / "sample_data" / "classes.json").read_text())
+    monkeypatch.setattr(bench, "prepare_dataset", lambda: data)
+    monkeypatch.setattr(bench, "replace_section", lambda *args: None)
+    monkeypatch.setattr(adaclip, "create_backbone", lambda *args, **kwargs: tiny_backbone)
+    output = tmp_path / "b2n.json"
+    bench.main(["--backbone", TINY, "--methods", "zeroshot", "tip-adapter", "--seeds", "1",
+                "--templates", "default", "--protocols", "base-to-new", "--output", str(output)])  # fmt: skip
+    records = {r["method"]: r for r in json.loads(output.read_text())["base_to_new"]}
+    assert records["tip-adapter"]["new"] is None and records["tip-adapter"]["hm"] is None
+    zeroshot = records["zeroshot"]
+    assert None not in (zeroshot["base"], zeroshot["new"], zeroshot["all"])
+    # zero-shot trains nothing: its base score is plain zero-shot among the 5 base names
+    board = adaclip.compare(data, ["zeroshot"], seeds=[1], shots=16, val_split=0, classes=data / "classes.json",
+                            base_to_new=sorted(bench.BASE), backbone=tiny_backbone)  # fmt: skip
+    assert board.class_names == [json.loads((data / "classes.json").read_text())[f] for f in sorted(bench.BASE)]
+    assert zeroshot["base"] == pytest.approx(board.row("zeroshot").accuracy)
+    assert zeroshot["new"] == pytest.approx(board.row("zeroshot").new_accuracy)
