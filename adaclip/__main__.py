@@ -1,10 +1,6 @@
 """`python -m adaclip` (also what `torchrun -m adaclip` runs)."""
 
-from ._interrupt import exit_130_until_started
-
-exit_130_until_started()
-
-from .cli import main  # noqa: E402
+from ._interrupt import main
 
 if __name__ == "__main__":
     main()

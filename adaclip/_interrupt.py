@@ -1,16 +1,25 @@
 """Ctrl-C while the `adaclip` command starts: exit 130 with one line, never a traceback.
 
-Importing torch and open_clip takes seconds, and a KeyboardInterrupt raised inside an import escapes
-before any command can catch it. So the command installs, before those imports, a handler that ends
-the process at once; once the command runs, Ctrl-C raises KeyboardInterrupt again, which the command
-turns into its own message (e.g. how to resume a fit) and exit 130. Standard library only.
+Importing torch and open_clip takes seconds, and a KeyboardInterrupt raised inside those imports can
+escape before any command catches it, or be swallowed by them (see `import_heavy_modules`). So the
+command installs, before any import of its own, a handler that ends the process at once; it stays
+through option parsing and the heavy imports, which happen before a command's body creates anything.
+From the body on, Ctrl-C raises KeyboardInterrupt, which the command turns into its own message (e.g.
+how to resume a fit) and exit 130. Standard library only.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
+
+
+def main() -> None:
+    """The `adaclip` console script: the handler goes in before the CLI's own imports (typer, rich)."""
+    exit_130_until_started()
+    from .cli import main as cli_main
+
+    cli_main()
 
 
 def _exit_130(signum, frame) -> None:
@@ -18,16 +27,6 @@ def _exit_130(signum, frame) -> None:
         os.write(2, b"error: interrupted\n")
     finally:
         os._exit(130)  # nothing is written yet; an import half done has nothing to clean up
-
-
-def started_as_command() -> bool:
-    """True in the `adaclip` console script and `python -m adaclip` (also under torchrun), not when a
-    program imports the library (its Ctrl-C stays its own)."""
-    argv = list(getattr(sys, "orig_argv", []))
-    if "-m" in argv:
-        index = argv.index("-m")
-        return argv[index + 1 : index + 2] == ["adaclip"]
-    return os.path.basename(sys.argv[0] if sys.argv else "") == "adaclip"
 
 
 def exit_130_until_started() -> None:
@@ -47,3 +46,30 @@ def interrupts_raise() -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:
         pass
+
+
+HEAVY_MODULES = ("torch", "torchvision", "open_clip")
+
+
+def import_heavy_modules() -> None:
+    """Import torch, torchvision and open_clip, which most commands need, while Ctrl-C still ends the
+    process at once. A KeyboardInterrupt raised inside these imports is not safe to rely on: torch
+    imports numpy from C++ and, if that import fails, clears the error and goes on without numpy, so a
+    Ctrl-C landing there would be swallowed and the command would carry on (seen in `fit`)."""
+    import importlib
+
+    for name in HEAVY_MODULES:
+        importlib.import_module(name)
+
+
+def forget_caught_interrupt() -> None:
+    """Keep a KeyboardInterrupt that adaclip caught from turning exit 130 into death by SIGINT.
+
+    CPython notes a KeyboardInterrupt that escapes code run by exec()/eval() of a *string* as "unhandled"
+    (meant for the program's own top level) and, when the program was started with `python -m`, ends the
+    process by re-raising SIGINT after it exits, even though the exception was caught and the program
+    exited 130. Imports run such strings (dataclasses and namedtuples build their methods that way), so
+    a Ctrl-C that lands inside `import torch` can set the note. Running any string through exec()
+    clears it (CPython resets the note before each such run).
+    """
+    exec("pass")

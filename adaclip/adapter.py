@@ -48,7 +48,7 @@ from .methods import make_method_config, method_config_class
 from .metrics import ClassificationReport, classification_report
 from .model import AdaptedCLIP
 from .templates import resolve_templates
-from .training import CheckpointPolicy, EpochCallback, train
+from .training import CheckpointPolicy, EpochCallback, StepCallback, train
 from .ui import log
 
 if TYPE_CHECKING:
@@ -370,6 +370,7 @@ def fit(
     resume: bool = False,
     deterministic: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    on_step_end: StepCallback | None = None,
     **settings: Any,
 ) -> Adapter:
     """Train `method` on the image folder `data` and return the adapter (save it with `.save(path)`).
@@ -457,6 +458,7 @@ def fit(
         dist_ctx=dist_ctx,
         checkpoint=policy,
         on_epoch_end=on_epoch_end,
+        on_step_end=on_step_end,
     )
     # Some heads create their parameters while training (Tip-Adapter-F's cache keys): count them after.
     metadata = metadata.model_copy(

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 import warnings
@@ -35,6 +36,7 @@ from .ui import log
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 LITE_NAME = "lite"
+HF_HUB_PREFIX = "hf-hub:"  # open_clip's prefix for models (config + weights) in a Hugging Face Hub repo
 NETWORK_PROBE_SECONDS = 3.0
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -236,15 +238,19 @@ def create_backbone(
 ) -> Backbone:
     """Build a frozen backbone.
 
-    name:       any open_clip model name (`open_clip.list_models()`), or `lite` (embedded, offline).
+    name:       any open_clip model name (`open_clip.list_models()`), `hf-hub:org/name` (an open_clip
+                model repo on the Hugging Face Hub), or `lite` (embedded, offline).
     pretrained: an open_clip pretrained tag, a local checkpoint file, or `none` (random weights, for
-                timing and tests). Weights that are not cached fail within seconds when the hub is
-                unreachable, with a message saying how to get them.
+                timing and tests); for `hf-hub:` names, a revision of the repo (default main) or `none`.
+                Weights that are not cached fail within seconds when the hub is unreachable, with a
+                message saying how to get them.
     """
     torch_device = device if isinstance(device, torch.device) else select_device(device)
     precision = resolve_precision(precision, torch_device)
     if name == LITE_NAME:
         return _create_lite(pretrained, torch_device, precision)
+    if name.startswith(HF_HUB_PREFIX):
+        return _create_from_hub(name, pretrained, torch_device, precision, cache_dir)
 
     import open_clip
 
@@ -286,6 +292,20 @@ def create_backbone(
             fix="check that the checkpoint is an open_clip state dict for this model",
         ) from None
     tokenizer = open_clip.get_tokenizer(name)
+    return _wrap(model, tokenizer, name, pretrained, checkpoint_sha, checkpoint_hint, torch_device, precision)
+
+
+def _wrap(
+    model: nn.Module,
+    tokenizer: Callable,
+    name: str,
+    pretrained: str,
+    checkpoint_sha: str | None,
+    checkpoint_hint: str | None,
+    torch_device: torch.device,
+    precision: str,
+) -> Backbone:
+    """An open_clip model (weights loaded) as a Backbone, with the identity adapter files record."""
     cfg = model.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else int(cfg["size"][0])
     preprocess = PreprocessConfig(
@@ -305,6 +325,95 @@ def create_backbone(
         image_size=size,
     )
     return Backbone(model, tokenizer, preprocess, identity, torch_device, precision)
+
+
+def _create_from_hub(
+    name: str, pretrained: str | None, device: torch.device, precision: str, cache_dir: str | None
+) -> Backbone:
+    """`hf-hub:org/name`, as open_clip reads it: the repo's open_clip_config.json and its weights
+    (open_clip_model.safetensors, else open_clip_pytorch_model.bin). `pretrained` is a revision of the
+    repo (default: main), or `none` for random weights on the repo's architecture. Files in the Hugging
+    Face cache load offline; otherwise the hub is probed for a few seconds before downloading. The
+    identity records the commit the files came from, so predict/eval load exactly those files again."""
+    import open_clip
+
+    repo_id = name[len(HF_HUB_PREFIX) :]
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise UsageError(
+            f"{name!r} is not a Hugging Face Hub model id",
+            fix=f"use {arg('backbone', 'hf-hub:ORG/NAME')}, e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        )
+    if pretrained and Path(pretrained).expanduser().is_file():
+        raise UsageError(
+            f"{arg('pretrained', pretrained)} does not apply to an hf-hub backbone: its weights come from the repo",
+            fix=f"omit {arg('pretrained')}, or give a revision of {repo_id}",
+        )
+    random_weights = pretrained is not None and pretrained.lower() == "none"
+    default = pretrained in (None, "", "default", DEFAULT_PRETRAINED)  # the API's default tag means "main"
+    revision = None if default or random_weights else pretrained
+    config_path, weights_path = _hub_files(repo_id, revision, cache_dir, need_weights=not random_weights)
+    snapshot = Path(config_path).parent  # .../snapshots/<commit>/: the files of one commit
+    if random_weights:
+        log.warning(f"{name}: random weights ({arg('pretrained', 'none')}); predictions are meaningless")
+    try:
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            # open_clip's local-dir form reads the same config file its hf-hub form downloads; weights
+            # are loaded explicitly (open_clip's hub path warns and goes on without them when missing).
+            model = open_clip.create_model(
+                f"local-dir:{snapshot}", load_weights=False, pretrained_text=False, device=device
+            )
+            if weights_path is not None:
+                open_clip.load_checkpoint(model, weights_path)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
+    except (RuntimeError, KeyError, ValueError, OSError, TypeError) as exc:
+        raise BackboneUnavailableError(
+            f"cannot build {name} from its files ({_first_line(exc)})",
+            path=snapshot,
+            fix="check that the repo is an open_clip model (open_clip_config.json with model_cfg, and its weights)",
+        ) from None
+    return _wrap(model, tokenizer, name, "none" if random_weights else snapshot.name, None, None, device, precision)
+
+
+def _hub_files(repo_id: str, revision: str | None, cache_dir: str | None, *, need_weights: bool):
+    """(config path, weights path or None) of an open_clip hub repo: from the cache, else downloaded
+    when the hub answers within seconds; a one-line BackboneUnavailableError otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    def cached(filename: str) -> str | None:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        return found if isinstance(found, str) and os.path.isfile(found) else None
+
+    config = cached(HF_CONFIG_NAME)
+    weights = next(filter(None, map(cached, (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME))), None) if need_weights else None
+    if config and (weights or not need_weights):
+        return config, weights
+    what = f"hf-hub:{repo_id}" + (f" (revision {revision})" if revision else "")
+    hub_host, hub_port, where = _weights_host({"hf_hub": repo_id})
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not host_reachable(hub_host, hub_port):
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{hub_host} is unreachable"
+        missing = "its weights are" if config else "it is"
+        raise BackboneUnavailableError(
+            f"cannot get {what}: {reason} and {missing} not in the cache ({cache_dir or where})",
+            fix=(
+                f"download it once on a machine with network (open_clip.create_model('hf-hub:{repo_id}')), "
+                f"point {arg('cache_dir')} at a cache that has it, or use {arg('backbone', 'lite')}"
+            ),
+        )
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        config = download_pretrained_from_hf(repo_id, filename=HF_CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+        if need_weights:
+            weights = download_pretrained_from_hf(repo_id, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BackboneUnavailableError(
+            f"cannot download {what} ({_first_line(exc)})",
+            fix="check the repo id and revision: an open_clip model repo has open_clip_config.json and weights",
+        ) from None
+    return config, weights
 
 
 def _register_extra_model_configs() -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,22 @@ def _global_options(
         set_progress(False)
 
 
-def command(*args: Any, **kwargs: Any):
+def command(*args: Any, heavy: bool | Callable[[dict[str, Any]], bool] = True, **kwargs: Any):
     """`app.command` plus adaclip's error policy: an AdaclipError becomes one line on stderr and its
-    exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback."""
+    exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback.
+
+    A `heavy` command (or one whose options make `heavy(options)` true) imports torch, torchvision and
+    open_clip before its body, while Ctrl-C still ends the process at once (see adaclip._interrupt);
+    from its body on, Ctrl-C raises KeyboardInterrupt."""
 
     def decorate(function):
         @functools.wraps(function)
         def run(*fargs: Any, **fkwargs: Any):
+            from ._interrupt import import_heavy_modules, interrupts_raise
+
+            if heavy(fkwargs) if callable(heavy) else heavy:
+                import_heavy_modules()
+            interrupts_raise()
             try:
                 return function(*fargs, **fkwargs)
             except AdaclipError as exc:
@@ -121,7 +131,7 @@ def complete_method(incomplete: str) -> list[str]:
 def complete_backbone(incomplete: str) -> list[str]:
     import importlib.util
 
-    names = ["lite"]
+    names = ["lite", "hf-hub:"]  # hf-hub:ORG/NAME, an open_clip model repo on the Hugging Face Hub
     spec = importlib.util.find_spec("open_clip")
     for location in (spec.submodule_search_locations or []) if spec else []:
         names += sorted(p.stem for p in (Path(location) / "model_configs").glob("*.json"))
@@ -155,7 +165,7 @@ PretrainedOpt = typer.Option(
     None,
     "--pretrained",
     "-p",
-    help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights).",
+    help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights); a revision for hf-hub:.",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
@@ -260,7 +270,12 @@ def fit(
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep OUTPUT.ckpt after success."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower on GPU)."),
     log_jsonl: Path | None = typer.Option(
-        None, "--log-jsonl", help="Also write one JSON object per epoch (loss, lr, accuracy, images/s) to FILE."
+        None,
+        "--log-jsonl",
+        help=(
+            'Also write one JSON object per step and per epoch to FILE ("event": "step" or "epoch"; '
+            "loss, lr, accuracy, images/s)."
+        ),
     ),
     tracker: str | None = typer.Option(
         None,
@@ -398,13 +413,19 @@ def _claimed_output(output: Path | None, *, force: bool, inputs: list[Path], loc
 
 
 def _fit_with_logs(fit_adapter, run_logs, *args, **kwargs):
-    """`fit_adapter(*args, **kwargs)` with each epoch's record handed to the run logs."""
+    """`fit_adapter(*args, **kwargs)` with each step's and each epoch's record handed to the run logs."""
+    if not run_logs:
+        return fit_adapter(*args, **kwargs)
+
+    def on_step_end(record: dict) -> None:
+        for run_log in run_logs:
+            run_log.log_step(record)
 
     def on_epoch_end(epoch: int, record: dict) -> None:
         for run_log in run_logs:
             run_log.log_epoch(record)
 
-    return fit_adapter(*args, on_epoch_end=on_epoch_end if run_logs else None, **kwargs)
+    return fit_adapter(*args, on_epoch_end=on_epoch_end, on_step_end=on_step_end, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ predict
@@ -928,7 +949,7 @@ def report_command(
 # ------------------------------------------------------------------------------------------ info
 
 
-@command()
+@command(heavy=lambda options: options.get("adapter_path") is None)  # `info FILE` needs no torch
 def info(
     adapter_path: Path | None = typer.Argument(None, metavar="[ADAPTER]", help="An .adaclip file to describe."),
     method: str | None = typer.Option(
@@ -1141,7 +1162,7 @@ def serve(
     )
 
 
-@command()
+@command(heavy=False)
 def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     """List the available methods."""
     from .method_catalog import builtin_methods
@@ -1151,7 +1172,7 @@ def methods(fmt: str = _format_option("table", ("table", "json"))) -> None:
     write_records(records, fmt if fmt == "json" else "table", ["method", "class_agnostic", "summary"], title="methods")
 
 
-@command()
+@command(heavy=False)
 def version() -> None:
     """Print the adaclip version."""
     typer.echo(__version__)
@@ -1189,19 +1210,20 @@ def _join_seed_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ._interrupt import exit_130_until_started, interrupts_raise
+    from ._interrupt import exit_130_until_started, forget_caught_interrupt
 
-    exit_130_until_started()
+    exit_130_until_started()  # until a command's body starts (see `command`)
     argv = _join_seed_values(_hoist_global_flags(list(sys.argv[1:] if argv is None else argv)))
     try:
-        interrupts_raise()  # the commands catch KeyboardInterrupt from here on
         app(args=argv, prog_name="adaclip")
-    except KeyboardInterrupt:  # outside a command (parsing options, writing its output): still one line
+    except KeyboardInterrupt:  # outside a command's own handling (writing its output): still one line
         log.error("interrupted")
         sys.exit(130)
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(0)
+    finally:
+        forget_caught_interrupt()  # every way out is an exit code, never CPython's death by SIGINT
 
 
 def _silence_stdout() -> None:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .checks import class_name_problem
 from .errors import InputError, UnreadableImageError
+from .files import read_text_file
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file, load_image
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -232,12 +233,7 @@ def read_class_file(path: str | Path, folders: Sequence[str]) -> list[str]:
     """Display names for `folders` from a file: one name per line (folder order), a JSON list (folder
     order), or a JSON object {folder: name}."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("class file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read class file ({exc})", path=path) from None
+    text = read_text_file(path, "class file")
     stripped = text.strip()
     names: list[str]
     if stripped.startswith(("[", "{")):

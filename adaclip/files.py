@@ -2,6 +2,7 @@
 
 - `open_regular`: opens a file for reading without ever blocking on a FIFO or a device, and refuses
   anything that is not a regular file.
+- `read_text_file`: a small text file the user named (a class list, a token), or one line saying why not.
 - `check_output_path`: everything about an output path that can be known before work starts (not a
   folder, not an input, its folder exists and is writable), so a bad `-o` fails in a second, not
   after training.
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import AdaclipError, UsageError
+from .errors import AdaclipError, InputError, UsageError
 
 LOCK_SUFFIX = ".lock"
 
@@ -63,6 +64,24 @@ def open_regular(path: str | Path):
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_text_file(path: str | Path, what: str, error: type[AdaclipError] = InputError) -> str:
+    """The UTF-8 text of a file the user named as an option value; `what` names it in the one-line
+    `error` (exit 2) when it is missing, not a regular file (a FIFO would block), unreadable or not text."""
+    try:
+        with open_regular(path) as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise error(f"{what} not found", path=path) from None
+    except NotRegularFileError as exc:
+        raise error(f"{what} is {exc.kind}, not a regular file", path=path) from None
+    except OSError as exc:
+        raise error(f"cannot read {what} ({exc.strerror or exc})", path=path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not UTF-8 text (byte {exc.start})", path=path) from None
 
 
 class NotRegularFileError(OSError):

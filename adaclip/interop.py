@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .adapter_file import atomic_write
+from .backbone import HF_HUB_PREFIX
 from .errors import UsageError
 from .files import check_output_path
 from .methods import CosineHead
@@ -104,11 +105,19 @@ def export_open_clip(adapter: Adapter, path: str | Path, *, force: bool = False)
     metadata = {"format": "pt", "open_clip_model": name, "adaclip_method": adapter.method}
     _save_safetensors(path, state, metadata)
     call_args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    if name.startswith(HF_HUB_PREFIX):
+        # open_clip ignores `pretrained` for hub names (the repo's weights are loaded): load ours after.
+        load_with = (
+            f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}{call_args}); "
+            f"open_clip.load_checkpoint(model, {str(path)!r})"
+        )
+    else:
+        load_with = f"open_clip.create_model_and_transforms({name!r}, pretrained={str(path)!r}{call_args})"
     return {
         "format": "open_clip",
         "output": str(path),
         "open_clip_model": name,
-        "load_with": f"open_clip.create_model_and_transforms({name!r}, pretrained={str(path)!r}{call_args})",
+        "load_with": load_with,
         "tensors": len(state),
     }
 

@@ -1,8 +1,12 @@
-"""Where `fit` reports its epochs besides stderr: a JSON-lines file (`--log-jsonl FILE`) and the
-experiment trackers TensorBoard and MLflow (`--tracker tensorboard|mlflow`, optional extras).
+"""Where `fit` reports its steps and epochs besides stderr: a JSON-lines file (`--log-jsonl FILE`) and
+the experiment trackers TensorBoard and MLflow (`--tracker tensorboard|mlflow`, optional extras).
 
-Each takes one record per epoch (what `training.EpochCallback` receives: epoch, step, loss, lr,
-train_accuracy, val_accuracy, seconds, images_per_second). Both trackers write local file stores by
+Each takes one record per step (what `training.StepCallback` receives: epoch, step, loss,
+train_accuracy, images, lr, seconds, images_per_second) and one per epoch (what
+`training.EpochCallback` receives: epoch, step, loss, lr, train_accuracy, val_accuracy, seconds,
+images_per_second). The JSON-lines file tells them apart by "event" ("step" or "epoch"); the trackers
+keep epoch scalars under their plain names (x: epoch) and step scalars under `step/NAME` (x: global
+step). Both trackers write local file stores by
 default (`--tracker-dir`: TensorBoard event files, an MLflow SQLite store `DIR/mlflow.db`), so they work
 offline.
 Everything that can fail (a file in the way, a tracker not installed) is checked by `open_run_logs`,
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +29,8 @@ SCALARS = ("loss", "lr", "train_accuracy", "val_accuracy", "images_per_second")
 
 
 class RunLog(Protocol):
+    def log_step(self, record: dict[str, Any]) -> None: ...
+
     def log_epoch(self, record: dict[str, Any]) -> None: ...
 
     def close(self, summary: dict[str, Any] | None = None) -> None: ...
@@ -38,7 +45,7 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class JsonlLog:
-    """One JSON object per line, flushed after each epoch (so `tail -f` follows the run)."""
+    """One JSON object per line, flushed after each record (so `tail -f` follows the run)."""
 
     def __init__(self, path: Path, *, force: bool = False):
         self.check(path, force=force)
@@ -49,7 +56,13 @@ class JsonlLog:
     def check(path: Path, *, force: bool = False) -> None:
         check_output_path(path, force=force, what="log file", option="--log-jsonl")
 
+    def log_step(self, record: dict[str, Any]) -> None:
+        self._write({"event": "step", **record})
+
     def log_epoch(self, record: dict[str, Any]) -> None:
+        self._write({"event": "epoch", **record})
+
+    def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
 
@@ -67,6 +80,10 @@ class TensorBoardLog:
             ) from None
         self.writer = SummaryWriter(log_dir=str(logdir / run_name))
         self.writer.add_text("adaclip/params", json.dumps(params, indent=2, sort_keys=True))
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(f"step/{key}", value, global_step=int(record["step"]))
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():
@@ -93,9 +110,18 @@ class MlflowLog:
         for key, value in params.items():
             self.client.log_param(self.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
 
+    def log_step(self, record: dict[str, Any]) -> None:
+        self._log(record, prefix="step/", step=int(record["step"]))
+
     def log_epoch(self, record: dict[str, Any]) -> None:
-        for key, value in _scalars(record).items():
-            self.client.log_metric(self.run_id, key, value, step=int(record["epoch"]))
+        self._log(record, prefix="", step=int(record["epoch"]))
+
+    def _log(self, record: dict[str, Any], *, prefix: str, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(prefix + key, value, now, step) for key, value in _scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)  # one store transaction per record
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED" if summary is not None else "FAILED")

@@ -60,6 +60,10 @@ class TrainingOutcome:
 # Called after each epoch with (epoch, record): the history entry (epoch, loss, train_accuracy,
 # val_accuracy, lr) plus step (global), seconds and images_per_second.
 EpochCallback = Callable[[int, dict], None]
+# Called after each optimisation step with its record: epoch, step (global, from 1), loss and
+# train_accuracy over the step's batch (all processes), images, the lr the step used, seconds since the
+# previous step ended (data loading included) and images_per_second.
+StepCallback = Callable[[dict], None]
 
 
 def make_optimizer(
@@ -167,6 +171,7 @@ def train(
     dist_ctx: DistContext = SINGLE,
     checkpoint: CheckpointPolicy | None = None,
     on_epoch_end: EpochCallback | None = None,
+    on_step_end: StepCallback | None = None,
 ) -> TrainingOutcome:
     """Train the model's parts in place; return what happened (recorded in the adapter file)."""
     cfg = model.config.train
@@ -232,6 +237,7 @@ def train(
                 batches = _epoch_batches(
                     model, data, cfg, cache, epoch, order, position.step_in_epoch, seed, workers, dist_ctx, skipped
                 )
+                step_start = time.perf_counter()
                 for global_n, labels, pixels, features, indices, weight in batches:
                     refs = references[indices.to(references.device)] if references is not None else None
                     loss, ctx = step_module(labels, pixels, features, refs)
@@ -241,6 +247,7 @@ def train(
                     scaled.backward()
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    step_lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     if not model.text_tower_frozen:
@@ -259,6 +266,8 @@ def train(
                     position.step_in_epoch += 1
                     position.global_step += 1
                     advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+                    if on_step_end is not None:
+                        step_start = _report_step(on_step_end, sums.tolist(), epoch, position, step_lr, step_start)
                     if (
                         checkpoint is not None
                         and checkpoint.every_steps
@@ -315,6 +324,26 @@ def train(
         resumed=resumed,
     )
     return TrainingOutcome(record, time.perf_counter() - start, epoch_seconds)
+
+
+def _report_step(callback: StepCallback, sums: list[float], epoch: int, position, lr: float, start: float) -> float:
+    """Hand one step's record to `callback`; returns when the step ended (the next step's start)."""
+    loss_sum, correct, seen = sums
+    end = time.perf_counter()
+    seconds = end - start
+    callback(
+        {
+            "epoch": epoch + 1,
+            "step": position.global_step,
+            "loss": round(loss_sum / max(1.0, seen), 6),
+            "train_accuracy": round(correct / max(1.0, seen), 6),
+            "images": int(seen),
+            "lr": lr,
+            "seconds": round(seconds, 4),
+            "images_per_second": round(seen / seconds, 2) if seconds > 0 else None,
+        }
+    )
+    return time.perf_counter()  # the callback's own time is not the next step's
 
 
 def _finish_epoch(model, position: TrainingPosition, scheduler, validator, epoch: int, epochs: int) -> dict:

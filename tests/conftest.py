@@ -86,3 +86,16 @@ def other_backbone():
     from adaclip import create_backbone
 
     return create_backbone(TINY_OTHER, "none", device="cpu")
+
+
+def meta_backbone(name: str):
+    """An open_clip architecture with its parameters on the meta device: shapes without memory or
+    random init (ViT-B-16 would take seconds and ~600 MB), for tests that only count parameters."""
+    import open_clip
+
+    from adaclip.backbone import _wrap
+
+    with torch.device("meta"):
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+    model.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))  # the Backbone reads it as a number
+    return _wrap(model, open_clip.get_tokenizer(name), name, "none", None, None, torch.device("meta"), "fp32")

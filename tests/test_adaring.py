@@ -13,6 +13,8 @@ from adaclip.methods import make_method_config
 from adaclip.model import AdaptedCLIP
 from adaclip.tensor_ring import TensorRing, balanced_factors, tr_num_parameters, tr_to_tensor
 
+from .conftest import meta_backbone
+
 ALL_BLOCKS = {"blocks": "all"}
 
 
@@ -196,8 +198,7 @@ def test_parameter_count_formula_matches_module(tiny_backbone, settings):
 
 def test_vit_b16_default_parameter_budget():
     """At default settings on ViT-B/16: at most 10% of MMA's 674,560 trainable parameters."""
-    backbone = adaclip.create_backbone("ViT-B-16", "none", device="cpu")
-    model = AdaptedCLIP(backbone, make_method_config("adaring"), ["a", "b"], ["{}"])
+    model = AdaptedCLIP(meta_backbone("ViT-B-16"), make_method_config("adaring"), ["a", "b"], ["{}"])
     breakdown = model.parameter_breakdown()
     assert sum(breakdown.values()) <= 67_456
     assert sum(breakdown.values()) == 30_918

@@ -72,6 +72,7 @@ def test_cpu_table_has_no_peak_columns():
 
 @pytest.mark.parametrize(("method", "settings", "adapts_mask"), [("adaring", {"blocks": "all", "ranks": [2]}, True),
                                                                 ("linear-probe", {}, False)])  # fmt: skip
+@pytest.mark.slow
 def test_speed_one_measures_a_method_on_a_tiny_backbone(method, settings, adapts_mask):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed_one", "--backbone", TINY, "--method", method,

@@ -172,14 +172,24 @@ def test_wrong_backbone_checkpoint_is_refused(dataset, tiny_backbone, tmp_path):
     assert right.exit_code == 0 and len(right.stdout.splitlines()) == 24
 
 
-def test_debug_shows_traceback(monkeypatch):
+def test_debug_shows_traceback(capsys):
+    """--debug (anywhere on the line) adds the traceback to the one-line error; without it, one line."""
     from adaclip.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "missing.adaclip", "x.png", "--debug"])
-    assert exit_info.value.code == 2
+    for extra, traceback_shown in ((["--debug"], True), ([], False)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "missing.adaclip", "x.png", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert ("Traceback (most recent call last)" in err) is traceback_shown, err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "missing.adaclip" in err
+        if traceback_shown:
+            assert "AdapterFileError" in err  # the exception itself, not only the message
+        else:
+            assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_real_subprocess_round_trip(dataset, tmp_path):
     env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
     out = tmp_path / "zs.adaclip"
@@ -216,6 +226,7 @@ def test_real_subprocess_round_trip(dataset, tmp_path):
     assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
 
 
+@pytest.mark.slow
 def test_closed_pipe_exits_quietly_with_0(probe_file, dataset):
     """`adaclip predict ... | head -1`: the reader leaves early; exit 0 with nothing on stderr but logs."""
     folder = str(dataset / "test")

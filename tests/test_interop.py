@@ -57,11 +57,10 @@ def export(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-def randomised_lora(dataset: Path, tmp_path: Path, projections: list[str]) -> Path:
+def randomised_lora(dataset: Path, tmp_path: Path, projections: list[str], **backbone) -> Path:
     """A LoRA adapter whose updates are far from zero (B starts at zero; one short fit moves it little)."""
-    adapter = adaclip.fit(
-        dataset, "lora", backbone=TINY, pretrained="none", epochs=0, device="cpu", projections=projections
-    )
+    backbone = backbone or {"backbone": TINY, "pretrained": "none"}
+    adapter = adaclip.fit(dataset, "lora", epochs=0, device="cpu", projections=projections, **backbone)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapter.model.named_parameters():
@@ -97,6 +96,32 @@ def assert_open_clip_reproduces(adapter_file: Path, dataset: Path, tmp_path: Pat
 
 def test_open_clip_loads_folded_lora(lora_file, dataset, tmp_path):
     assert_open_clip_reproduces(lora_file, dataset, tmp_path)
+
+
+def test_open_clip_loads_folded_lora_on_an_hf_hub_backbone(dataset, tmp_path, monkeypatch):
+    """open_clip ignores `pretrained` for hf-hub names, so the export's recipe loads the repo's model and
+    then our file; run exactly as printed, it must give adaclip's adapted features."""
+    import huggingface_hub.constants
+
+    from .test_backbone import HUB_REPO, make_hub_cache
+
+    cache, _ = make_hub_cache(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)  # the user's default cache
+    adapter_file = randomised_lora(dataset, tmp_path, ["q", "k", "v"], backbone=f"hf-hub:{HUB_REPO}")
+    state = tmp_path / "model.safetensors"
+    summary = export(str(adapter_file), "--format", "open_clip", "-o", str(state))
+    assert summary["open_clip_model"] == f"hf-hub:{HUB_REPO}"
+    namespace = {"open_clip": open_clip}
+    exec(summary["load_with"], namespace)  # the recipe as the user would paste it
+    model = namespace["model"].eval()
+    adapter = adaclip.load(adapter_file, device="cpu")
+    pixels = pixels_of(adapter, real_images(dataset))
+    ours_image, _ = adaclip_features(adapter, pixels)
+    with torch.no_grad():
+        theirs_image = model.encode_image(pixels)
+        repo_image = adapter.backbone.encode_image(pixels)  # the hub weights without the adapter
+    assert (ours_image - repo_image).abs().max() > 1e-2  # the adapter changed the tower: a real check
+    torch.testing.assert_close(theirs_image, ours_image, atol=1e-5, rtol=1e-5)
 
 
 def test_open_clip_loads_full_finetune(dataset, tmp_path):

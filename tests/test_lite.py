@@ -42,6 +42,7 @@ def test_lite_zero_shot_is_real(zero_shot_accuracy):
     assert zero_shot_accuracy >= 0.25
 
 
+@pytest.mark.slow
 def test_rada_on_lite_beats_zero_shot_clearly(lite, zero_shot_accuracy, tmp_path):
     adapter = adaclip.fit(SAMPLE, "rada", backbone=lite, classes=CLASSES, templates="ensemble", val_split=0, seed=0)
     accuracy = adapter.evaluate(SAMPLE / "test").accuracy

@@ -101,6 +101,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(dataset, tiny_backbone, tmp_
         adaclip.fit(dataset, "linear-probe", backbone=tiny_backbone, checkpoint=tmp_path / "none.ckpt", resume=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, tmp_path):
     out = tmp_path / "long.adaclip"
     checkpoint = tmp_path / "long.adaclip.ckpt"
@@ -145,6 +146,7 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
 # ------------------------------------------------------------------------------------------ determinism
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_adapter_files(dataset, tmp_path):
     env = _env(SOURCE_DATE_EPOCH="1700000000")
     paths = []
@@ -193,6 +195,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     "method, settings", [("adaring", ["--set", "blocks=all", "--set", "ranks=[2]"]), ("linear-probe", [])]
 )
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(dataset, tmp_path, method, settings):
     """torchrun with 2 CPU processes (global batch 8 = 2 x 4) ends where 1 process with batch 8 ends."""
     common = [
@@ -308,6 +311,7 @@ def _hostile_folder(root: Path, good_source: Path) -> dict[str, int]:
     return {"good": good, "bad": 12 - good}
 
 
+@pytest.mark.slow
 def test_hostile_images_are_skipped_and_counted(dataset, tiny_backbone, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(dataset / "train", data)
@@ -342,6 +346,7 @@ def test_predict_cli_with_non_utf8_names_writes_valid_output(dataset, tiny_backb
 # ------------------------------------------------------------------------------------------ odd data
 
 
+@pytest.mark.slow
 def test_tiny_classes_empty_classes_and_thousands_of_classes(tiny_backbone, tmp_path):
     rng_classes = {"only_one": ((200, 30, 30), "circle"), "two_of_us": ((30, 200, 30), "square")}
     make_folder(tmp_path / "small", 1, seed=0, classes={"only_one": rng_classes["only_one"]})
@@ -385,6 +390,7 @@ def test_predict_streams_lazily(dataset, tiny_backbone):
     assert all(p.label for p in first) and consumed <= 32
 
 
+@pytest.mark.slow
 def test_predict_10000_stdin_paths_keeps_going_past_bad_files(dataset, tiny_backbone, tmp_path):
     model = adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone).save(tmp_path / "zs.adaclip")
     good = sorted((dataset / "test").rglob("*.png"))[:10]

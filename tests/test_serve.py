@@ -404,6 +404,7 @@ def test_serve_refuses_bad_input_before_loading(adapter_files, tmp_path, capsys)
         assert message in err and "Traceback" not in err, (argv, err)
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end_and_sighup_reload(adapter_files, dataset, tiny_backbone, tmp_path):
     """The real command in a subprocess: serves on a free port, reloads files on SIGHUP (keeping the old
     set when a file is broken), and stops cleanly on SIGTERM."""

@@ -121,4 +121,5 @@ def test_shell_completion_offers_methods_formats_and_backbones():
     assert complete("adaclip predict a.adaclip x.jpg --format j") == ["json", "jsonl"]
     assert complete("adaclip fit ./pets --format ") == ["table", "json"]
     assert "lite" in complete("adaclip fit ./pets --backbone ") and "ViT-B-16" in complete("adaclip fit ./p -b ViT-B")
+    assert complete("adaclip fit ./pets --backbone hf") == ["hf-hub:"]  # then the user types org/name
     assert "--install-completion" in run_cli("--help")[1]

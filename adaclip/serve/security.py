@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_text_file
 from ..ui import log
 
 # Load balancers and orchestrators probe these without credentials; they reveal nothing but liveness.
@@ -17,12 +18,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 def read_token_file(path: Path) -> str:
     """The bearer token: the file's first line, at least 16 characters."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError("token file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"token file is not readable text ({exc})", path=path) from None
+    text = read_text_file(path, "token file", UsageError)
     token = (text.strip().splitlines() or [""])[0].strip()
     if len(token) < 16:
         raise UsageError(
