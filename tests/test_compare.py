@@ -167,6 +167,7 @@ def test_cli_failed_row_in_table_and_json(dataset, monkeypatch):
     assert row["failed"] == 1 and row["error"] == "ValueError: cannot train here"
 
 
+@pytest.mark.slow
 def test_cli_formats_carry_the_same_leaderboard(dataset):
     from adaclip.cli import _join_seed_values
 
@@ -256,6 +257,7 @@ def test_bad_options_fail_before_work(dataset, tmp_path):
     assert kept.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(dataset, tiny_backbone, tmp_path, monkeypatch):
     import adaclip.adapter
 
@@ -318,6 +320,7 @@ def test_base_to_new_scores_new_classes_among_new_names(dataset, tiny_backbone):
     assert len(run.test_index) == 12  # base-class test images only
 
 
+@pytest.mark.slow
 def test_lite_api_and_cli_agree(dataset, tmp_path):
     """The offline lite backbone, through the API and the CLI, on the same protocol and seed."""
     board = adaclip.compare(
@@ -338,6 +341,7 @@ def test_lite_api_and_cli_agree(dataset, tmp_path):
     assert document["recommended"] == board.recommended == "linear-probe"
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_reports_the_leaderboard_numbers(dataset, tiny_backbone, tmp_path, monkeypatch):
     """benchmarks.accuracy is a user of compare: its few-shot records are compare's runs for the same
     protocol (shots, seeds, no validation, test/)."""
@@ -369,6 +373,7 @@ def test_accuracy_benchmark_reports_the_leaderboard_numbers(dataset, tiny_backbo
         assert sum(mine) / len(mine) == pytest.approx(row.accuracy, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_frozen_tower_methods_share_one_encoding_of_the_test_images(dataset, tiny_backbone, monkeypatch):
     import adaclip.inference
 
@@ -386,6 +391,7 @@ def test_frozen_tower_methods_share_one_encoding_of_the_test_images(dataset, tin
     assert encoded.count(24) == 1  # 6 runs, every image tower frozen: the 24 test images encoded once
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone, tmp_path, monkeypatch):
     """The bench's base-to-new through compare: trained on the 5 base folders only (in the order its
     base_train/ folder lists them), new and all scored for class-agnostic methods."""

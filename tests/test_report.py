@@ -155,6 +155,7 @@ def run_chromium(*args: str, home: Path) -> tuple[subprocess.CompletedProcess, l
     return run, sorted(requested)
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_a_real_browser(compare_report, tmp_path):
     url = compare_report.resolve().as_uri()
     shot = tmp_path / "shot.png"
