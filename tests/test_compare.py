@@ -426,3 +426,24 @@ def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone
     assert board.class_names == [json.loads((data / "classes.json").read_text())[f] for f in sorted(bench.BASE)]
     assert zeroshot["base"] == pytest.approx(board.row("zeroshot").accuracy)
     assert zeroshot["new"] == pytest.approx(board.row("zeroshot").new_accuracy)
+
+
+def test_cli_ctrl_c_exits_130_in_one_line_keeping_finished_runs(dataset, tmp_path, monkeypatch):
+    import adaclip.adapter
+
+    real_fit = adaclip.adapter.fit
+
+    def fit(data, method, **kwargs):
+        if method == "tip-adapter":
+            raise KeyboardInterrupt
+        return real_fit(data, method, **kwargs)
+
+    monkeypatch.setattr(adaclip.adapter, "fit", fit)
+    out = tmp_path / "runs"
+    result = runner.invoke(
+        app, ["compare", str(dataset), "-m", "zeroshot,tip-adapter", "--seeds", "1", "--out-dir", str(out), *TINY_ARGS]
+    )
+    assert result.exit_code == 130, result.output
+    assert "interrupted after 1 of 2 runs; 1 finished run(s) kept in" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert (out / "runs" / "zeroshot-seed1.adaclip").exists() and (out / "runs" / "zeroshot-seed1.json").exists()
