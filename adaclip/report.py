@@ -258,7 +258,7 @@ def plot_scatter(board: Leaderboard) -> bytes:
         ax.annotate(row.method, (x, row.accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log; 0 drawn at 1)")
-    ax.set_ylabel("test accuracy (mean +- std over seeds)")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title("accuracy vs trainable parameters (red: recommended)")
     ax.grid(True, alpha=0.3)
     return _png(figure)
