@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -179,6 +178,7 @@ async def load(
                 await asyncio.sleep(0.5)
 
         started = time.perf_counter()
+        load_before = os.getloadavg()[0]
         sampling = asyncio.ensure_future(sampler()) if sample_rss else None
         try:
             await asyncio.gather(*(worker() for _ in range(clients)))
@@ -188,6 +188,7 @@ async def load(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampling
         wall = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
     ok = statuses.get(200, 0)
     result: dict[str, Any] = {
         "clients": clients,
@@ -202,6 +203,8 @@ async def load(
         "rejected_503": statuses.get(503, 0),
         "rejected_without_retry_after": no_retry_after,
         "images_per_second": round(ok / wall, 2) if wall > 0 else None,
+        # the machine is shared: its 1-minute load average before and after the phase (2 cores)
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
     }
     ok_latencies = sorted(latencies)
     if ok_latencies:
@@ -248,6 +251,7 @@ def render(report: dict[str, Any]) -> str:
         if phase.get("images_per_second") and phase["name"].startswith("sustainable"):
             row["vs_predict"] = round(phase["images_per_second"] / baseline, 2)
         row["statuses"] = ", ".join(f"{k}: {v:,}" for k, v in phase["statuses"].items())
+        row["load"] = " / ".join(f"{x:.1f}" for x in phase.get("load_average_1min", []))
         rows.append(row)
     memory = report["memory"]
     lines = [
@@ -275,6 +279,7 @@ def render(report: dict[str, Any]) -> str:
                 ("p99_ms", "p99 ms"),
                 ("statuses", "statuses"),
                 ("failed", "failed"),
+                ("load", "load avg before / after"),
             ],
         ),
         "",
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         "2-core VM shared with other jobs; the load clients run on the same cores as the server, so the "
         "server's images/s includes their HTTP work"
     )
-    output = args.output or RESULTS / f"serve-{platform.node() or 'host'}.json"
+    output = args.output or RESULTS / "serve-lite-vm.json"
     with tempfile.TemporaryDirectory() as tmp:
         files = fit_adapters(Path(tmp))
         rates = predict_rate(files["linear-probe"], images, batch, repeats=2)
