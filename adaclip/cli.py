@@ -843,6 +843,12 @@ def serve(
     queue_size: int = typer.Option(128, "--queue-size", help="Images admitted at once; past it, 503 + Retry-After."),
     request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds a request may wait (503 past it)."),
     max_connections: int = typer.Option(512, "--max-connections", help="Open connections before uvicorn answers 503."),
+    pretrained: Path | None = typer.Option(
+        None,
+        "--pretrained",
+        "-p",
+        help="Local checkpoint for adapters trained on one, if not where they were trained (sha256-checked).",
+    ),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -882,6 +888,8 @@ def serve(
     if max_connections < 1:
         raise UsageError("--max-connections must be at least 1")
     token = read_token_file(token_file) if token_file is not None else None
+    if pretrained is not None and not pretrained.is_file():
+        raise UsageError("checkpoint file not found", path=pretrained, fix="give the checkpoint file (--pretrained)")
     specs = parse_adapter_specs(adapters)  # names and files are checked before anything heavy
     if not is_loopback(host) and token is None:
         log.warning(f"listening on {host} without --token-file: anyone who can reach this port can use the API")
@@ -891,6 +899,7 @@ def serve(
         host=host,
         port=port,
         token=token,
+        pretrained=str(pretrained) if pretrained is not None else None,
         device=device,
         precision=precision,
         cache_dir=cache_dir,

@@ -381,6 +381,51 @@ def test_reserve_refuses_past_capacity():
     batcher.reserve(5)
 
 
+def test_adapters_of_a_local_checkpoint_are_served_from_one_copy(tiny_backbone, test_images, tmp_path, capsys):
+    """Adapters trained on a local checkpoint load it from where they were trained (or --pretrained),
+    sha256-checked; two copies of the same file at different paths are one backbone."""
+    import shutil
+
+    import torch
+
+    from adaclip.backbone import create_backbone
+    from adaclip.errors import AdapterFileError
+
+    weights = {k: v + 0.01 for k, v in tiny_backbone.model.state_dict().items()}  # not the "none" weights
+    first, second = tmp_path / "a" / "weights.pt", tmp_path / "b" / "weights.pt"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    torch.save(weights, first)
+    shutil.copyfile(first, second)
+    files = {}
+    for name, checkpoint, classes in (("one", first, ["cat", "dog"]), ("two", second, ["car", "bus", "van"])):
+        backbone = create_backbone(tiny_backbone.identity.name, str(checkpoint), device="cpu")
+        files[name] = adaclip.zero_shot_adapter(classes, backbone=backbone).save(tmp_path / f"{name}.adaclip")
+    specs = parse_adapter_specs([str(path) for path in files.values()])
+
+    served = load_adapter_set(specs)  # from the recorded paths
+    assert len(served.backbones) == 1 and served.get("one").adapter.backbone is served.get("two").adapter.backbone
+    expected = adaclip.load(files["two"], pretrained=str(second)).predict(test_images, top_k=2)
+    with running(create_app(Service(served, SETTINGS))) as url:
+        answer = httpx.post(f"{url}/v1/classify", params={"adapter": "two", "top_k": 2}, files=files_of(test_images))
+    assert answer.status_code == 200, answer.text
+    for record, prediction in zip(answer.json()["predictions"], expected, strict=True):
+        assert record == {**prediction.to_dict(), "path": record["path"]}
+
+    moved = tmp_path / "moved.pt"
+    first.rename(moved)
+    with pytest.raises(AdapterFileError, match="pass pretrained="):  # before any backbone is built
+        load_adapter_set(specs)
+    assert len(load_adapter_set(specs, pretrained=str(moved)).backbones) == 1
+    other = tmp_path / "other.pt"
+    torch.save(tiny_backbone.model.state_dict(), other)
+    with pytest.raises(AdapterFileError, match="checkpoint sha256"):
+        load_adapter_set(specs, pretrained=str(other))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(files["one"]), "--pretrained", str(tmp_path / "gone.pt")])
+    assert exit_info.value.code == 2 and "checkpoint file not found" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ command
 
 

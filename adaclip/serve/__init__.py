@@ -38,6 +38,7 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
+    pretrained: str | None = None,
     device: str | None = None,
     precision: str = "auto",
     cache_dir: str | None = None,
@@ -50,7 +51,7 @@ def run_server(
     from ..ui import log
 
     _one_malloc_arena()
-    options = {"device": device, "precision": precision, "cache_dir": cache_dir}
+    options = {"pretrained": pretrained, "device": device, "precision": precision, "cache_dir": cache_dir}
     adapters = load_adapter_set(specs, **options)
 
     def reload_files(current: AdapterSet) -> AdapterSet:
