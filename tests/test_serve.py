@@ -502,6 +502,37 @@ def test_serve_command_end_to_end_and_sighup_reload(adapter_files, dataset, tiny
     assert "reload failed, still serving the previous adapters" in text and "Traceback" not in text
 
 
+def test_asgi_factory_serves_what_the_command_would(
+    adapter_files, adapter_set, test_images, tmp_path, monkeypatch, capsys
+):
+    """uvicorn --factory / gunicorn build the app from ADACLIP_SERVE_ARGS: the same options and checks
+    as `adaclip serve`, the same answers; a bad option ends the worker with one line and exit code 2."""
+    from adaclip.serve.asgi import ENV, create_from_env
+
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv(ENV, f"probe={adapter_files['probe']} --token-file {token_file} --max-images 2 --port 9")
+    app = create_from_env()
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/v1/adapters").status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        answer = client.post("/v1/classify?top_k=2", files=files_of(test_images[:2]), headers=auth)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == own_predict(adapter_set, "probe", test_images[:2], 2)
+        too_many = client.post("/v1/classify", files=files_of(test_images[:3]), headers=auth)
+        assert too_many.status_code == 413  # --max-images 2 reached the app
+    for args, message in (
+        (f"{adapter_files['probe']} --max-batch 0", "--max-batch"),
+        (f"{adapter_files['probe']} --no-such-option", "No such option"),
+        (str(tmp_path / "missing.adaclip"), "adapter file not found"),
+    ):
+        monkeypatch.setenv(ENV, args)
+        with pytest.raises(SystemExit) as exit_info:
+            create_from_env()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (args, err)
+
+
 def wait_for(condition, seconds: float = 30) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
