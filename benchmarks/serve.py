@@ -250,6 +250,10 @@ def render(report: dict[str, Any]) -> str:
         row = dict(phase)
         if phase.get("images_per_second") and phase["name"].startswith("sustainable"):
             row["vs_predict"] = round(phase["images_per_second"] / baseline, 2)
+            if phase.get("predict_adjacent"):
+                nearby = statistics.fmean(phase["predict_adjacent"])
+                row["predict_nearby"] = round(nearby, 2)
+                row["vs_nearby"] = round(phase["images_per_second"] / nearby, 2)
         row["statuses"] = ", ".join(f"{k}: {v:,}" for k, v in phase["statuses"].items())
         row["load"] = " / ".join(f"{x:.1f}" for x in phase.get("load_average_1min", []))
         rows.append(row)
@@ -275,6 +279,8 @@ def render(report: dict[str, Any]) -> str:
                 ("requests_sent", "requests"),
                 ("images_per_second", "img/s"),
                 ("vs_predict", "vs predict"),
+                ("predict_nearby", "predict img/s just before/after"),
+                ("vs_nearby", "vs that"),
                 ("p50_ms", "p50 ms"),
                 ("p99_ms", "p99 ms"),
                 ("statuses", "statuses"),
@@ -322,20 +328,21 @@ def main(argv: list[str] | None = None) -> None:
         phases = []
         server = Server(named, server_options)
         try:
-            for clients in (1, 16, 64):
+            # On a shared machine the load moves by the minute: predict is timed again (with the server
+            # idle) right before and after each throughput phase, and each phase's ratio uses those two.
+            adjacent = predict_rate(files["linear-probe"], images, batch, repeats=1)
+            for clients, adapter in ((1, "linear-probe"), (16, "linear-probe"), (64, "linear-probe"), (16, "all")):
                 result = asyncio.run(
-                    load(server.url, bodies, clients=clients, requests=args.requests, adapter="linear-probe",
+                    load(server.url, bodies, clients=clients, requests=args.requests, adapter=adapter,
                          max_seconds=args.max_seconds)
                 )  # fmt: skip
-                phases.append({"name": f"sustainable, {clients} clients", **result})
+                after = predict_rate(files["linear-probe"], images, batch, repeats=1)
+                name = f"sustainable, {clients} clients" if adapter != "all" else (
+                    "sustainable, adapter=all (3 adapters, one encoding)"
+                )  # fmt: skip
+                phases.append({"name": name, **result, "predict_adjacent": [round(r, 2) for r in adjacent + after]})
+                adjacent = after
                 print(phases[-1], file=sys.stderr)
-            result = asyncio.run(
-                load(
-                    server.url, bodies, clients=16, requests=args.requests, adapter="all", max_seconds=args.max_seconds
-                )
-            )
-            phases.append({"name": "sustainable, adapter=all (3 adapters, one encoding)", **result})
-            print(phases[-1], file=sys.stderr)
             soak = asyncio.run(
                 load(server.url, bodies, clients=16, requests=args.soak_requests, adapter="linear-probe",
                      max_seconds=args.max_seconds, sample_rss=server.rss_mib)
