@@ -521,6 +521,26 @@ def zero_shot_adapter(
     return Adapter(model, metadata)
 
 
+def weights_source(header: AdapterMetadata, path: Path, pretrained: str | None = None) -> str:
+    """Where the backbone weights of an adapter come from: `pretrained` if given, else the recorded tag,
+    or for a local checkpoint the file where it was trained (its sha256 is checked once loaded).
+    Raises before any weights are read when that file is gone."""
+    if pretrained is not None:
+        return pretrained
+    if not header.backbone.checkpoint_sha256:
+        return header.backbone.pretrained
+    hint = header.backbone.checkpoint_hint
+    if not (hint and Path(hint).is_file()):
+        where = f", no longer at {hint}" if hint else ""
+        raise AdapterFileError(
+            f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
+            path=path,
+            fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
+        )
+    log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
+    return hint
+
+
 def load(
     path: str | Path,
     *,
@@ -540,18 +560,7 @@ def load(
     method_config_class(header.method)  # unknown method -> clear error before any heavy work
     config = make_method_config(header.method, header.method_config)
     if backbone is None:
-        source = pretrained or header.backbone.pretrained
-        if header.backbone.checkpoint_sha256 and pretrained is None:
-            hint = header.backbone.checkpoint_hint
-            if not (hint and Path(hint).is_file()):
-                where = f", no longer at {hint}" if hint else ""
-                raise AdapterFileError(
-                    f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
-                    path=path,
-                    fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
-                )
-            log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
-            source = hint
+        source = weights_source(header, path, pretrained)
         backbone = create_backbone(
             header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
         )
