@@ -13,13 +13,19 @@ Protocols
   Methods tied to their training classes (linear-probe, tip-adapter) have no "new" score.
 * test-time adaptation (when `adaclip tta` is available): see benchmarks.tta.
 
-No validation split is used (`--val-split 0`): the test set is the only held-out data, and it is never
-used for choices. Methods whose image tower stays frozen are scored on test features encoded once;
-the others encode the test set through their adapted tower.
+Validation: the product's own protocol (`val_split="auto"`, `adaclip.data.few_shot_validation`):
+min(shots, 4) images per class from the training images not sampled as shots (CoOp's convention), the
+same images for every method under a seed. Whatever a method searches or tracks uses only those; the
+test set is never used for choices. Methods whose image tower stays frozen are scored on test features
+encoded once; the others encode the test set through their adapted tower.
+
+A row is a method name, `tip-adapter-f` (`tip-adapter` with `finetune=true`), or a method with settings:
+`--methods "tip-adapter:leave_one_out=false" "rada:train.min_crop_scale=0.08"`.
 
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
     python -m benchmarks.accuracy --resume                         # finish a run that was stopped
+    python -m benchmarks.accuracy --methods tip-adapter-f --output results/x.json --section x  # a spot check
 """
 
 from __future__ import annotations
@@ -37,7 +43,40 @@ import torch
 
 from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
-DEFAULT_METHODS = ["zeroshot", "linear-probe", "tip-adapter", "coop", "lora", "adaring", "rada", "adaring+rada"]
+DEFAULT_METHODS = [
+    "zeroshot",
+    "linear-probe",
+    "tip-adapter",
+    "tip-adapter-f",
+    "coop",
+    "lora",
+    "adaring",
+    "rada",
+    "adaring+rada",
+]
+# benchmark rows that are a registered method with settings
+VARIANTS = {"tip-adapter-f": "tip-adapter:finetune=true"}
+
+
+def method_spec(row: str) -> tuple[str, dict]:
+    """A benchmark row -> (registered method, settings): `NAME`, a VARIANTS name, or
+    `NAME:key=value:...` (values as JSON, else text; dotted keys nest, e.g. `rada:train.min_crop_scale=0.08`)."""
+    name, *pairs = VARIANTS.get(row, row).split(":")
+    settings: dict = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return name, settings
+
+
 CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
 # Class folders in Fashion-MNIST label order, named as in sample_data (one source for both).
 FOLDERS = tuple(json.loads((ROOT / "sample_data" / "classes.json").read_text()))
@@ -126,15 +165,17 @@ def accuracy_among(adapter, features: torch.Tensor, labels: torch.Tensor, folder
 def _fit(args, backbone, data: Path, method: str, train: str, classes: str, shots: int, seed: int):
     import adaclip
 
+    name, settings = method_spec(method)
     return adaclip.fit(
         data / train,
-        method,
+        name,
         backbone=backbone,
         shots=shots,
         seed=seed,
-        val_split=0,
+        val_split="auto",  # the product's few-shot validation: min(shots, 4) per class from data / train
         classes=data / classes,
         templates=args.templates,
+        config=settings,
     )
 
 
@@ -159,7 +200,7 @@ def few_shot_run(args, backbone, data: Path, method: str, shots: int, seed: int,
 def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: TestSet) -> dict:
     from adaclip.methods import method_config_class
 
-    agnostic = method_config_class(method).class_agnostic
+    agnostic = method_config_class(method_spec(method)[0]).class_agnostic
     adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
     features, labels = test.features(adapter)  # all 10,000 test images, encoded once
     base_acc = accuracy_among(adapter, features, labels, BASE)
@@ -268,7 +309,8 @@ def save(output: Path, report: dict, done: dict[tuple, dict], *, complete: bool)
     report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
     report["complete"] = complete
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"accuracy-{report['settings']['backbone']}", render(report))
+    section = report["settings"].get("section") or f"accuracy-{report['settings']['backbone']}"
+    replace_section(DOCS / "benchmarks.md", section, render(report))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,19 +323,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", nargs="+", default=["few-shot", "base-to-new"])
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --output; do the rest")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="docs/benchmarks.md section to write (default accuracy-BACKBONE, the main table)",
+    )
     args = parser.parse_args(argv)
 
     import adaclip
     from adaclip.methods import list_methods
 
     known = set(list_methods())
-    methods = [m for m in args.methods if m in known]
+    methods = [m for m in args.methods if method_spec(m)[0] in known]
     data = prepare_dataset()
     backbone = adaclip.create_backbone(args.backbone, None if args.backbone == "lite" else "openai")
     report = {
         **run_header(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "skipped_methods": sorted(set(args.methods) - known),
+        "skipped_methods": sorted(set(args.methods) - set(methods)),
     }
     output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
     done: dict[tuple, dict] = {}
