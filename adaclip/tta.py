@@ -328,6 +328,14 @@ def view_seed(seed: int, image: Image.Image) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+def episodic_views(image: Image.Image, seed: int, n_views: int, eval_transform, augment) -> torch.Tensor:
+    """TPT's views of one image: the original (eval transform) and `n_views - 1` random augmentations,
+    drawn from a generator seeded by `view_seed` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(view_seed(seed, image))
+        return torch.stack([eval_transform(image)] + [augment(image) for _ in range(n_views - 1)])
+
+
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the rows' averaged probability (computed in log space)."""
     logp = F.log_softmax(logits, dim=-1)
@@ -507,10 +515,7 @@ class TestTimeAdaptation:
         for index, path in enumerate(images):
             try:
                 image = load_image(path)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(view_seed(self.settings.seed, image))
-                    views = [eval_transform(image)] + [augment(image) for _ in range(self.settings.views - 1)]
-                pixels = torch.stack(views)
+                pixels = episodic_views(image, self.settings.seed, self.settings.views, eval_transform, augment)
             except Exception as exc:  # noqa: BLE001 - one unreadable image must not end the run
                 yield index, path, None, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")
                 continue

@@ -305,6 +305,20 @@ def test_episodic_views_are_seeded_per_image():
     red, blue = Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200))
     assert view_seed(0, red) != view_seed(0, blue)
     assert view_seed(0, red) == view_seed(0, red.copy()) != view_seed(1, red)
+    # the crop boxes themselves, drawn as TPT's RandomResizedCrop draws them, through the episodic path
+    from torchvision.transforms import RandomResizedCrop
+
+    from adaclip.tta import episodic_views
+
+    def box(image):
+        return torch.tensor(RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)))
+
+    def boxes(image, seed=0):
+        return episodic_views(image, seed, 8, lambda im: torch.zeros(4, dtype=torch.long), box)[1:]
+
+    assert not torch.equal(boxes(red), boxes(blue))  # same size, different images: different crops
+    assert torch.equal(boxes(red), boxes(red.copy()))
+    assert len({tuple(b.tolist()) for b in boxes(red)}) == 7  # the views of one image differ too
     settings = TTASettings()
     assert (settings.min_crop_scale, settings.effective_weight_decay, settings.views) == (0.08, 0.01, 64)
     assert TTASettings(mode="online").diversity_momentum == 0.0  # SHOT's batch-mean marginal
