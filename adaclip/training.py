@@ -200,6 +200,8 @@ def train(
     cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
     if model.head.uses_training_features:
         model.head.fit_training_features(_training_features(model, data, cache, workers))
+    if model.head.calibrates_before_training:
+        _calibrate(model, validator)  # e.g. Tip-Adapter-F trains at searched alpha, beta (scale-aware)
     params = model.trainable_parameters()
     budget = cfg.epochs or cfg.epochs_by_shots or cfg.iterations_per_shot
     if not model.config.trainable or not budget or not params:

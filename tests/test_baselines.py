@@ -462,8 +462,15 @@ def test_tip_adapter_scaled_search_runs_without_validation(dataset, tiny_backbon
         + head.alpha * torch.exp(-head.beta * (1 - features @ head.cache_keys.t())) @ head.cache_values
     )
     torch.testing.assert_close(adapter.model.logits_from_features(features), expected)
-    # Tip-Adapter-F's keys were trained on the training images: without validation nothing is searched
+    # Tip-Adapter-F searches before fine-tuning (keys = training features, leave-one-out) and trains at the
+    # values found; after fine-tuning its keys have seen the training images, so without validation images
+    # nothing more is searched. With search_init=false it trains and stays at the configured values.
     tip_f = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, val_split=0, finetune=True, epochs=1)
+    plain = (head.alpha.item(), head.beta.item())
+    assert (tip_f.model.head.alpha.item(), tip_f.model.head.beta.item()) == pytest.approx(plain, rel=1e-6)
+    tip_f = adaclip.fit(
+        dataset, method="tip-adapter", backbone=tiny_backbone, val_split=0, finetune=True, epochs=1, search_init=False
+    )
     assert (tip_f.model.head.alpha.item(), tip_f.model.head.beta.item()) == (1.0, 5.5)
 
 

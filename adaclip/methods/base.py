@@ -211,6 +211,7 @@ class Head(nn.Module):
     uses_training_features: ClassVar[bool] = False
     uses_validation_features: ClassVar[bool] = False
     calibrates_without_validation: bool = False  # calibrate(None, ...) is called when there is no validation set
+    calibrates_before_training: bool = False  # calibrate is also called after fit_training_features, before training
     lr_scale: float = 1.0  # this part's learning rate = train.lr * lr_scale (set per instance to change)
 
     def fit_training_features(self, train: FeatureSet) -> None:

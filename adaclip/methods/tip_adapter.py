@@ -22,19 +22,23 @@ best in grid order (beta outer, alpha inner) wins. What adaclip adds, each a set
     alpha * sigma_cache(beta) / sigma_zero-shot, where d is the median of 1 - f.k between the searched
     images and the keys and sigma the mean per-image spread (std over classes) of each logit term:
     dimensionless values, whatever the backbone. `search_units="reference"` searches the absolute grid.
-  - `leave_one_out=True` (plain Tip-Adapter only): each training image whose class has another cache
-    entry is also scored by the cache without its own entry, so the search sees up to shots x K images
-    besides the validation ones (a handful per class would otherwise decide 4,000 grid points) and runs
-    without a validation set. Tip-Adapter-F's keys were trained on those images, so it searches on
-    validation images only.
+  - `leave_one_out=True`: each training image whose class has another cache entry is also scored by
+    the cache without its own entry, so the search sees up to shots x K images besides the validation
+    ones (min(shots, 4) per class would otherwise decide 4,000 grid points) and runs without a
+    validation set. Tip-Adapter-F's trained keys have seen those images, so its search after
+    fine-tuning uses the validation images only.
 Without anything to search on, the configured alpha and beta (the paper's ImageNet values) are used.
 The chosen values are stored in the file and logged; a validation accuracy reported after the search is
 optimistic, as the search saw those images.
 
 Tip-Adapter-F (`--set finetune=true`): the keys become parameters and are fine-tuned with
 cross-entropy (AdamW lr 1e-3, weight decay 1e-2 as PyTorch's AdamW default that Tip-Adapter-F used,
-batch 256, cosine, 20 epochs) at the configured alpha and beta (the reference's init values), then alpha
-and beta are searched. The reference picks the epoch with the best *test* accuracy; adaclip keeps the
+batch 256, cosine, 20 epochs), then alpha and beta are searched on the validation images. The reference
+trains at per-dataset init values chosen for CLIP (e.g. ImageNet alpha 1.17, beta 1); on another
+backbone those can leave the cache a small fraction of the logits, so by default (`search_init=True`,
+a named deviation) the same search (validation + leave-one-out, the keys being still the training
+features) runs before fine-tuning and training starts at the values it found; `search_init=False`
+trains at the configured alpha and beta. The reference picks the epoch with the best *test* accuracy; adaclip keeps the
 last epoch. Tip-Adapter-F's AdamW eps is 1e-4; adaclip's loop uses PyTorch's 1e-8.
 
 The values tie the adapter to the training classes (not class-agnostic).
@@ -74,9 +78,15 @@ class TipAdapterConfig(MethodConfig):
     search_steps: tuple[int, int] = Field((200, 20), description="grid points for (beta, alpha)")
     leave_one_out: bool = Field(
         True,
-        description="plain Tip-Adapter: also search on each training image scored without its own cache entry",
+        description="also search on each training image scored without its own cache entry (plain Tip-Adapter; "
+        "Tip-Adapter-F only before fine-tuning)",
     )
     finetune: bool = Field(False, description=f"Tip-Adapter-F: fine-tune the keys (default {FINETUNE_EPOCHS} epochs)")
+    search_init: bool = Field(
+        True,
+        description="Tip-Adapter-F: search alpha and beta before fine-tuning too and train at the values found "
+        "(false: train at the configured alpha and beta, as the reference trains at its per-dataset init values)",
+    )
     train: TrainConfig = TrainConfig(
         epochs=0, lr=1e-3, weight_decay=1e-2, batch_size=256, warmup_epochs=0, cache_views=10, min_crop_scale=0.5
     )
@@ -153,6 +163,7 @@ class TipAdapterHead(Head):
         self._set_cache(torch.zeros(0, dim), torch.zeros(0, n_classes))
         self.register_buffer("alpha", torch.tensor(float(config.alpha)))
         self.register_buffer("beta", torch.tensor(float(config.beta)))
+        self._searched_once = False  # Tip-Adapter-F: the search before fine-tuning has run
 
     def _set_cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.config.finetune:
@@ -190,8 +201,15 @@ class TipAdapterHead(Head):
         return self._searches_training_images
 
     @property
+    def calibrates_before_training(self) -> bool:
+        return self.config.finetune and self.config.search and self.config.search_init
+
+    @property
     def _searches_training_images(self) -> bool:
-        return self.config.search and self.config.leave_one_out and not self.config.finetune
+        if not (self.config.search and self.config.leave_one_out):
+            return False
+        # Tip-Adapter-F: only in the search before fine-tuning, while the keys are the training features
+        return not self.config.finetune or (self.config.search_init and not self._searched_once)
 
     @torch.no_grad()
     def calibrate(
@@ -201,13 +219,14 @@ class TipAdapterHead(Head):
         scored leave-one-out (see the module docstring)."""
         if not self.config.search or not len(self.cache_keys):
             return None
+        leave_one_out, self._searched_once = self._searches_training_images, True
         keys, values = self.cache_keys.detach().float(), self.cache_values.float()
         queries, labels, affinities = [], [], []
         if val is not None and len(val.labels):
             queries.append(val.features.float())
             labels.append(val.labels.to(keys.device))
             affinities.append(queries[-1] @ keys.t())
-        if self._searches_training_images and bool((values.sum(dim=0) >= 2).any()):
+        if leave_one_out and bool((values.sum(dim=0) >= 2).any()):
             classes = values.argmax(dim=-1)
             # an image whose class has no other entry cannot be recognised by the rest of the cache
             rows = torch.nonzero(values.sum(dim=0)[classes] >= 2).flatten()
