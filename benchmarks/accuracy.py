@@ -13,10 +13,15 @@ Protocols
   Methods tied to their training classes (linear-probe, tip-adapter) have no "new" score.
 * test-time adaptation (when `adaclip tta` is available): see benchmarks.tta.
 
-No validation split is used (`val_split=0`): the test set is the only held-out data, and it is never
-used for choices. The runs are `adaclip.comparison`'s (the engine of `adaclip compare`), so the
-protocol lives in the product: the same sampling as `fit --shots K --seed s`, the test images scored
-as compare scores them, and frozen-tower methods sharing one encoding per (image, view).
+Validation: the product's own protocol (`val_split="auto"`, `adaclip.data.few_shot_validation`):
+min(shots, 4) images per class from the training images not sampled as shots (CoOp's convention), the
+same images for every method under a seed. Whatever a method searches or tracks uses only those; the
+test set is never used for choices. The runs are `adaclip.comparison`'s (the engine of `adaclip
+compare`), so the protocol lives in the product: the same sampling as `fit --shots K --seed s`, the test
+images scored as compare scores them, and frozen-tower methods sharing one encoding per (image, view).
+
+A row is a method name, `tip-adapter-f` (`tip-adapter` with `finetune=true`), or a method with settings:
+`--methods "tip-adapter:leave_one_out=false" "rada:train.min_crop_scale=0.08"`.
 
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
@@ -34,7 +39,40 @@ from pathlib import Path
 
 from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
-DEFAULT_METHODS = ["zeroshot", "linear-probe", "tip-adapter", "coop", "lora", "adaring", "rada", "adaring+rada"]
+DEFAULT_METHODS = [
+    "zeroshot",
+    "linear-probe",
+    "tip-adapter",
+    "tip-adapter-f",
+    "coop",
+    "lora",
+    "adaring",
+    "rada",
+    "adaring+rada",
+]
+# benchmark rows that are a registered method with settings
+VARIANTS = {"tip-adapter-f": "tip-adapter:finetune=true"}
+
+
+def method_spec(row: str) -> tuple[str, dict]:
+    """A benchmark row -> (registered method, settings): `NAME`, a VARIANTS name, or
+    `NAME:key=value:...` (values as JSON, else text; dotted keys nest, e.g. `rada:train.min_crop_scale=0.08`)."""
+    name, *pairs = VARIANTS.get(row, row).split(":")
+    settings: dict = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return name, settings
+
+
 CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
 # Class folders in Fashion-MNIST label order, named as in sample_data (one source for both).
 FOLDERS = tuple(json.loads((ROOT / "sample_data" / "classes.json").read_text()))
@@ -73,25 +111,26 @@ def prepare_dataset(root: Path = CACHE) -> Path:
     return root
 
 
-def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared):
-    """The compare engine for one (protocol, shots): test/ is the test set, no validation split;
-    base-to-new trains on BASE (in sorted folder order, as its folder would list them)."""
+def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared, config: dict):
+    """The compare engine for one (protocol, shots, row settings): test/ is the test set, validation is
+    the product's few-shot rule; base-to-new trains on BASE (in sorted folder order, as its folder would
+    list them)."""
     from adaclip.comparison import Comparison, make_protocol
 
     split = make_protocol(
         data,
         shots=shots,
         classes=data / "classes.json",
-        val_split=0,
+        val_split="auto",  # min(shots, 4) per class from the training images (CoOp's convention)
         base_to_new=sorted(BASE) if protocol == "base-to-new" else False,
     )
-    return Comparison(split, backbone, templates=args.templates, batch_size=32, shared=shared)
+    return Comparison(split, backbone, templates=args.templates, batch_size=32, shared=shared, config=config)
 
 
-def _run(comparison, method: str, seed: int):
-    result = comparison.run(method, seed)
+def _run(comparison, row: str, seed: int):
+    result = comparison.run(method_spec(row)[0], seed)
     if result.status != "ok":
-        sys.exit(f"{method} seed {seed} failed: {result.error}")
+        sys.exit(f"{row} seed {seed} failed: {result.error}")
     return result
 
 
@@ -215,7 +254,8 @@ def save(output: Path, report: dict, done: dict[tuple, dict], *, complete: bool)
     report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
     report["complete"] = complete
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"accuracy-{report['settings']['backbone']}", render(report))
+    section = report["settings"].get("section") or f"accuracy-{report['settings']['backbone']}"
+    replace_section(DOCS / "benchmarks.md", section, render(report))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,19 +268,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", nargs="+", default=["few-shot", "base-to-new"])
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --output; do the rest")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="docs/benchmarks.md section to write (default accuracy-BACKBONE, the main table)",
+    )
     args = parser.parse_args(argv)
 
     import adaclip
     from adaclip.methods import list_methods
 
     known = set(list_methods())
-    methods = [m for m in args.methods if m in known]
+    methods = [m for m in args.methods if method_spec(m)[0] in known]
     data = prepare_dataset()
     backbone = adaclip.create_backbone(args.backbone, None if args.backbone == "lite" else "openai")
     report = {
         **run_header(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "skipped_methods": sorted(set(args.methods) - known),
+        "skipped_methods": sorted(set(args.methods) - set(methods)),
     }
     output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
     done: dict[tuple, dict] = {}
@@ -251,13 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     from adaclip.inference import SharedEncodings
 
     shared = SharedEncodings()  # one frozen-tower encoding of the test images for every comparison
-    comparisons: dict[tuple[str, int], object] = {}
+    comparisons: dict[tuple[str, int, str], object] = {}
     plan = planned_runs(args, methods)
     for number, (protocol, method, shots, seed) in enumerate(plan, 1):
         if (protocol, method, shots, seed) not in done:
-            if (protocol, shots) not in comparisons:
-                comparisons[protocol, shots] = comparison_for(args, backbone, data, protocol, shots, shared)
-            comparison = comparisons[protocol, shots]
+            name, settings = method_spec(method)
+            key = (protocol, shots, json.dumps(settings, sort_keys=True))
+            if key not in comparisons:
+                config = {name: settings} if settings else {}
+                comparisons[key] = comparison_for(args, backbone, data, protocol, shots, shared, config)
+            comparison = comparisons[key]
             if protocol == "few-shot":
                 record = few_shot_run(comparison, method, shots, seed)
             else:
