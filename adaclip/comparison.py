@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .data import (
+    FEW_SHOT_VAL_PER_CLASS,
     ImageFolder,
     LabelledImage,
     TrainingData,
@@ -57,7 +58,6 @@ from .inference import SharedEncodings, encode_images, logits_in_batches, sharin
 from .metrics import classification_report
 from .ui import log, progress
 
-VAL_SHOTS_CAP = 4  # CoOp: min(shots, 4) validation images per class, what compare asks a folder to have
 TEST_FRACTION = 0.2  # without test/: held out per class for testing
 TEST_SPLIT_SEED = 20_240_601  # the test hold-out does not move with the run seeds
 RESULTS_FILE = "compare.json"
@@ -223,7 +223,7 @@ def images_needed(shots: int | None, val_split: float | str, *, has_val: bool, c
     parts = [f"{shots} to train" if shots else "1 to train"]
     n_val = 0
     if not has_val and val_split != 0:
-        n_val = min(shots, VAL_SHOTS_CAP) if shots and val_split == "auto" else 1
+        n_val = min(shots, FEW_SHOT_VAL_PER_CLASS) if shots and val_split == "auto" else 1
         parts.append(f"{n_val} for validation")
     need = (shots or 1) + n_val
     if not carved_test:
