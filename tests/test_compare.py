@@ -405,7 +405,7 @@ def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone
     rng = random.Random(0)
     colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 210, 40), (200, 40, 200)]
     for i, folder in enumerate(bench.FOLDERS):
-        for split, n in (("train", 16), ("test", 2)):
+        for split, n in (("train", 20), ("test", 2)):  # 16 shots + min(16, 4) for validation
             (data / split / folder).mkdir(parents=True)
             for j in range(n):
                 draw(colours[i % 5], ("circle", "square")[i // 5], rng).save(data / split / folder / f"{j}.png")
