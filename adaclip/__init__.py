@@ -7,6 +7,7 @@ Library entry points (the CLI is a thin layer over these):
     Adapter.predict(paths_or_images, top_k=5) / .evaluate(folder) / .save(path)
     adaclip.create_backbone(name, pretrained) -> Backbone
     adaclip.list_methods() -> list[str]
+    adaclip.compare(folder, methods=[...], seeds=[1, 2, 3]) -> Leaderboard
 
 adaclip logs through the standard `logging` module under the logger named "adaclip":
 `logging.getLogger("adaclip").setLevel(logging.ERROR)` silences it; `adaclip.set_progress(False)` turns
@@ -27,6 +28,7 @@ from .errors import AdaclipError, AdapterFileError, BackboneUnavailableError, In
 if TYPE_CHECKING:
     from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter
     from .backbone import Backbone, create_backbone
+    from .comparison import Leaderboard, compare
     from .methods import list_methods
     from .ui import set_progress
 
@@ -38,6 +40,8 @@ _LAZY = {
     "zero_shot_adapter": "adapter",
     "Backbone": "backbone",
     "create_backbone": "backbone",
+    "Leaderboard": "comparison",
+    "compare": "comparison",
     "list_methods": "methods",
     "set_progress": "ui",
 }
@@ -49,9 +53,11 @@ __all__ = [
     "Backbone",
     "BackboneUnavailableError",
     "InputError",
+    "Leaderboard",
     "Prediction",
     "UsageError",
     "__version__",
+    "compare",
     "create_backbone",
     "fit",
     "list_methods",

@@ -32,6 +32,7 @@ from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_bac
 from .checks import check_count, check_seed
 from .data import (
     ImageFolder,
+    TrainingData,
     check_class_names,
     check_classes_readable,
     iter_input_paths,
@@ -346,7 +347,7 @@ class Adapter:
 
 
 def fit(
-    data: str | Path,
+    data: str | Path | TrainingData,
     method: str = "adaring",
     *,
     backbone: str | Backbone = DEFAULT_BACKBONE,
@@ -378,6 +379,9 @@ def fit(
     e.g. `fit(data, "adaring", ranks=[2, 4])` or `config={"train": {"weight_decay": 0.01}}`;
     `epochs`, `batch_size` and `lr` override the method's training recipe.
 
+    `data` may also be a prepared `TrainingData` (its own train and validation images, as `compare`
+    chooses them); then `classes`, `shots` and `val_split` must be left at their defaults.
+
     `checkpoint` is a file to save resumable state to after every epoch (and every `checkpoint_every`
     steps); `resume=True` continues from it. Under torchrun, every process calls fit() and gets the same
     adapter; only rank 0 should save it (`adaclip fit` does this).
@@ -391,7 +395,12 @@ def fit(
     overrides = _merge_train_overrides({**(config or {}), **settings}, epochs=epochs, batch_size=batch_size, lr=lr)
     method_config = make_method_config(method, overrides)
     template_list = resolve_templates(templates)
-    training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
+    if isinstance(data, TrainingData):
+        if classes is not None or shots is not None or val_split != "auto":
+            raise UsageError("classes, shots and val_split are already chosen in the TrainingData given")
+        training_data = data
+    else:
+        training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
     for note in training_data.notes:
         log.warning(note)
     check_classes_readable(training_data)
@@ -512,6 +521,26 @@ def zero_shot_adapter(
     return Adapter(model, metadata)
 
 
+def weights_source(header: AdapterMetadata, path: Path, pretrained: str | None = None) -> str:
+    """Where the backbone weights of an adapter come from: `pretrained` if given, else the recorded tag,
+    or for a local checkpoint the file where it was trained (its sha256 is checked once loaded).
+    Raises before any weights are read when that file is gone."""
+    if pretrained is not None:
+        return pretrained
+    if not header.backbone.checkpoint_sha256:
+        return header.backbone.pretrained
+    hint = header.backbone.checkpoint_hint
+    if not (hint and Path(hint).is_file()):
+        where = f", no longer at {hint}" if hint else ""
+        raise AdapterFileError(
+            f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
+            path=path,
+            fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
+        )
+    log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
+    return hint
+
+
 def load(
     path: str | Path,
     *,
@@ -531,18 +560,7 @@ def load(
     method_config_class(header.method)  # unknown method -> clear error before any heavy work
     config = make_method_config(header.method, header.method_config)
     if backbone is None:
-        source = pretrained or header.backbone.pretrained
-        if header.backbone.checkpoint_sha256 and pretrained is None:
-            hint = header.backbone.checkpoint_hint
-            if not (hint and Path(hint).is_file()):
-                where = f", no longer at {hint}" if hint else ""
-                raise AdapterFileError(
-                    f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
-                    path=path,
-                    fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
-                )
-            log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
-            source = hint
+        source = weights_source(header, path, pretrained)
         backbone = create_backbone(
             header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
         )

@@ -180,6 +180,9 @@ class _ResizeLongestPad:
         self.size = size
         self.interp = interp
 
+    def __repr__(self) -> str:  # parameters, not identity: equal transforms share encodings (inference)
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interp})"
+
     def __call__(self, img):
         w, h = img.size
         scale = self.size / max(w, h)

@@ -704,6 +704,248 @@ def tta(
             log.info(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------------ compare
+
+
+def _check_report_target(report: Path | None, force: bool, inputs: list[Path], option: str, png: bool) -> None:
+    """Before any training: the report (and with --png its PNG files) can be written, nothing the user
+    has is overwritten without --force, and matplotlib is installed."""
+    from .files import check_output_path
+
+    if report is None:
+        return
+    from .report import PNG_SECTIONS, png_path, require_matplotlib
+
+    require_matplotlib()
+    check_output_path(report, force=force, inputs=inputs, what="report file", option=option)
+    for key in PNG_SECTIONS if png else ():
+        check_output_path(png_path(report, key), force=force, inputs=inputs, what="plot file", option=option)
+
+
+def _method_settings(items: list[str]) -> dict[str, Any]:
+    settings = parse_settings(items)
+    for key, value in settings.items():
+        if not isinstance(value, dict):
+            raise UsageError(f"--set {key}=...: name the method first", fix="e.g. --set rada.train.epochs=5")
+    return settings
+
+
+@command()
+def compare(
+    data: Path = typer.Argument(
+        ..., help="Image folder: root/<class>/<image>, or root/{train,val,test}/<class>/<image>."
+    ),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        "-m",
+        help="Comma-separated methods (default: every one but those that fine-tune the whole backbone).",
+    ),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Seeds, e.g. --seeds 1 2 3 (every method gets the same)."),
+    shots: int | None = typer.Option(
+        None, "--shots", help="K training images per class, drawn as `fit --shots K --seed s` draws them."
+    ),
+    base_to_new: bool = typer.Option(
+        False, "--base-to-new", help="Train on the first half of the classes; also score the other half (new)."
+    ),
+    backbone: str | None = BackboneOpt,
+    pretrained: str | None = PretrainedOpt,
+    classes: Path | None = typer.Option(
+        None, "--classes", help="Class display names: one per line, JSON list, or JSON {folder: name}."
+    ),
+    templates: str = typer.Option(
+        "default", "--templates", help="Prompt templates: default, ensemble, or a file (one per line, with {})."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Setting of one method, METHOD.key=value (repeatable), e.g. --set rada.train.epochs=5."
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out-dir", help="Keep every adapter, the results and best.adaclip in this folder."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="With --out-dir: skip finished runs, continue the rest."),
+    force: bool = typer.Option(False, "--force", help="Start --out-dir over; overwrite --report."),
+    report: Path | None = typer.Option(None, "--report", help="Also write an HTML report (needs adaclip[report])."),
+    png: bool = typer.Option(False, "--png", help="With --report: each plot as a PNG beside it."),
+    fmt: str = _format_option("table", ("table", "json", "csv")),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    workers: int | None = typer.Option(None, "--workers", help="Image decoding processes."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass when encoding."),
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """Which method is best on your images: fit each method with each seed under one protocol, score
+    them on test/ (or a held-out split no method sees), and print a leaderboard.
+
+    Validation comes from the training images only; the recommended method is the one with the best
+    validation accuracy, never chosen on the test images. A failing method gets a failed row.
+
+    Examples:
+
+        adaclip compare ./pets --methods zeroshot,linear-probe,adaring --seeds 1 2 --report pets.html
+
+        adaclip compare ./pets --shots 16 --out-dir runs/ --resume --format json
+    """
+    from .comparison import COLUMNS
+    from .comparison import compare as run_compare
+
+    _check_format(fmt, ("table", "json", "csv"))
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        seed_list = [int(s) for s in seeds.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--seeds expects integers, got {seeds!r}", fix="e.g. --seeds 1 2 3") from None
+    if resume and out_dir is None:
+        raise UsageError("--resume needs --out-dir (where the finished runs are kept)")
+    if png and report is None:
+        raise UsageError("--png needs --report")
+    _check_report_target(report, force, [data], "--report", png)
+
+    def announce(result, number: int, total: int) -> None:
+        if result.status == "ok":
+            log.info(
+                f"[{number}/{total}] {result.method} seed {result.seed}: accuracy {result.accuracy:.3f}, "
+                f"validation {'-' if result.val_accuracy is None else f'{result.val_accuracy:.3f}'} "
+                f"({result.fit_seconds:.1f} s)"
+            )
+        else:
+            log.warning(f"[{number}/{total}] {result.method} seed {result.seed} failed: {result.error}")
+
+    board = run_compare(
+        data,
+        method_list,
+        seeds=seed_list,
+        shots=shots,
+        backbone=backbone or "ViT-B-16",
+        pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
+        classes=classes,
+        templates=templates,
+        base_to_new=base_to_new,
+        out_dir=out_dir,
+        resume=resume,
+        force=force,
+        config=_method_settings(settings),
+        device=device,
+        precision=precision,
+        workers=workers,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        on_run=announce,
+    )
+    if report is not None:
+        from .report import evaluation_of_best_run, write_report
+
+        written = write_report(
+            report, evaluation=evaluation_of_best_run(board), board=board, title="adaclip compare", png=png
+        )
+        log.info(f"report: {written.html}" + "".join(f", {p}" for p in written.pngs))
+    if board.best_adapter:
+        log.info(f"best adapter: {board.best_adapter}")
+    if fmt == "json":
+        write_json(board.to_dict(runs=True))
+        return
+    if fmt == "csv":
+        write_records(board.records(), "csv", COLUMNS)
+        log.info(f"recommended: {board.recommended or 'none'} ({board.reason})")
+        return
+    write_records(_leaderboard_rows(board), "table", _leaderboard_columns(board), title="adaclip compare", compact=True)
+    console = stdout_console()
+    for row in board.rows:
+        if row.failed:
+            console.print(
+                f"failed: {row.method} ({row.failed} of {row.runs + row.failed} runs): {row.error}", markup=False
+            )
+    console.print(f"recommended: {board.recommended or 'none'} ({board.reason})", markup=False)
+
+
+def _leaderboard_columns(board) -> list[str]:
+    new = ["new acc"] if any(r.new_accuracy is not None for r in board.rows) else []
+    return ["method", "accuracy", "F1", *new, "val acc", "params", "fit s", "img/s", "file", "runs"]
+
+
+def _leaderboard_rows(board):
+    """The leaderboard as people read it (the meaning of each column: README, compare)."""
+
+    def with_std(mean, std):
+        if mean is None:
+            return None
+        return f"{mean:.3f}" + (f"±{std:.3f}" if std is not None else "")
+
+    def size(n):
+        return None if n is None else (f"{n / 1024:.1f}K" if n < 1024**2 else f"{n / 1024**2:.1f}M")
+
+    for row in board.rows:
+        yield {
+            "method": row.method + (" *" if row.method == board.recommended else ""),
+            "accuracy": with_std(row.accuracy, row.accuracy_std),
+            "F1": None if row.macro_f1 is None else f"{row.macro_f1:.3f}",
+            "new acc": with_std(row.new_accuracy, row.new_accuracy_std),
+            "val acc": None if row.val_accuracy is None else f"{row.val_accuracy:.3f}",
+            "params": None if row.trainable_params is None else f"{row.trainable_params:,}",
+            "fit s": None if row.fit_seconds is None else f"{row.fit_seconds:.1f}",
+            "img/s": None if row.predict_images_per_second is None else f"{row.predict_images_per_second:.0f}",
+            "file": size(row.adapter_bytes),
+            "runs": f"{row.runs}/{row.runs + row.failed}",
+        }
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+@command("report")
+def report_command(
+    adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
+    data: Path | None = typer.Argument(
+        None, metavar="[DATA]", help="Labelled folder to score on (its test/ split when it has splits)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="HTML file to write (default: <adapter>.report.html)."
+    ),
+    png: bool = typer.Option(False, "--png", help="Also write each plot as a PNG beside the HTML."),
+    classes: Path | None = typer.Option(None, "--classes", help="Class display names for the folder's classes."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the report file if it exists."),
+    fmt: str = _format_option("table", ("table", "json")),
+    batch_size: int = BatchOpt,
+    workers: int | None = typer.Option(None, "--workers", help="Image decoding processes."),
+    pretrained: str | None = AdapterWeightsOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cache_dir: str | None = CacheDirOpt,
+) -> None:
+    """One self-contained HTML report of an adapter (no network; images inline): confusion matrix,
+    per-class accuracy, training and validation curves, and the most confident mistakes.
+
+    Example:
+
+        adaclip report pets.adaclip ./pets -o pets.html --png
+    """
+    from .adapter import load
+    from .adapter_file import read_adapter_header
+    from .data import prepare_eval_data
+    from .report import adapter_only, evaluate_for_report, write_report
+
+    _check_format(fmt, ("table", "json"))
+    output = output or adapter_path.with_name(adapter_path.stem + ".report.html")
+    _check_report_target(output, force, [adapter_path] + ([data] if data else []), "-o", png)
+    read_adapter_header(adapter_path)  # a broken adapter or bad data fails before the backbone is built
+    if data is not None:
+        prepare_eval_data(data, classes)
+    adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
+    evaluation = (
+        evaluate_for_report(adapter, data, classes_file=classes, batch_size=batch_size, workers=workers)
+        if data is not None
+        else adapter_only(adapter)
+    )
+    written = write_report(output, evaluation=evaluation, title=f"adaclip report: {adapter_path.name}", png=png)
+    summary = {"report": str(written.html), "png": [str(p) for p in written.pngs]}
+    if data is not None:
+        summary["accuracy"] = evaluation.accuracy
+        summary["images"] = evaluation.n_images
+    if fmt == "json":
+        write_json(summary)
+    else:
+        stdout_console().print(key_value_table(summary.items(), title="adaclip report"))
+
+
 # ------------------------------------------------------------------------------------------ info
 
 
@@ -864,6 +1106,12 @@ def serve(
     queue_size: int = typer.Option(128, "--queue-size", help="Images admitted at once; past it, 503 + Retry-After."),
     request_timeout: float = typer.Option(30.0, "--request-timeout", help="Seconds a request may wait (503 past it)."),
     max_connections: int = typer.Option(512, "--max-connections", help="Open connections before uvicorn answers 503."),
+    pretrained: Path | None = typer.Option(
+        None,
+        "--pretrained",
+        "-p",
+        help="Local checkpoint for adapters trained on one, if not where they were trained (sha256-checked).",
+    ),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -880,44 +1128,88 @@ def serve(
 
         curl -F image=@cat.jpg 'http://127.0.0.1:8000/v1/classify?adapter=pets&top_k=3'
     """
+    plan = _serve_plan(**locals())  # only the parameters so far
+    from .serve import run_server
+
+    run_server(
+        plan.specs,
+        plan.settings,
+        host=host,
+        port=port,
+        token=plan.token,
+        max_connections=max_connections,
+        log_level="warning" if log.level == 0 else "info",
+        **plan.load_options,
+    )
+
+
+class _ServePlan:
+    """What `adaclip serve`'s options amount to, checked: shared by the command and the ASGI factory."""
+
+    def __init__(self, specs, settings, token, load_options, given):
+        self.specs, self.settings, self.token = specs, settings, token
+        self.load_options: dict[str, Any] = load_options
+        self.given: set[str] = given  # the options given on the command line (not defaults)
+
+
+def _serve_plan(*, given: set[str] | None = None, **options: Any) -> _ServePlan:
+    """Check every option and name every adapter file before anything heavy is loaded."""
     try:
-        from .serve import make_settings, parse_adapter_specs, run_server
+        from .serve import make_settings, parse_adapter_specs
         from .serve.security import is_loopback, read_token_file
     except ImportError as exc:
         raise UsageError(
             f"adaclip serve needs the serve extra ({exc.name} is missing)", fix="pip install 'adaclip[serve]'"
         ) from None
 
+    o = options
     settings = make_settings(
-        max_upload_mb=max_upload_mb,
-        max_images=max_images,
-        max_pixels=max_pixels,
-        max_classes=max_classes,
-        max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms,
-        queue_size=queue_size,
-        request_timeout_s=request_timeout,
+        max_upload_mb=o["max_upload_mb"],
+        max_images=o["max_images"],
+        max_pixels=o["max_pixels"],
+        max_classes=o["max_classes"],
+        max_batch=o["max_batch"],
+        batch_wait_ms=o["batch_wait_ms"],
+        queue_size=o["queue_size"],
+        request_timeout_s=o["request_timeout"],
     )
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port must be 0 to 65535, got {port}")
-    if max_connections < 1:
+    if not 0 <= o["port"] <= 65535:
+        raise UsageError(f"--port must be 0 to 65535, got {o['port']}")
+    if o["max_connections"] < 1:
         raise UsageError("--max-connections must be at least 1")
-    token = read_token_file(token_file) if token_file is not None else None
-    specs = parse_adapter_specs(adapters)  # names and files are checked before anything heavy
-    if not is_loopback(host) and token is None:
-        log.warning(f"listening on {host} without --token-file: anyone who can reach this port can use the API")
-    run_server(
-        specs,
-        settings,
-        host=host,
-        port=port,
-        token=token,
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir,
-        max_connections=max_connections,
-        log_level="warning" if log.level == 0 else "info",
-    )
+    token = read_token_file(o["token_file"]) if o["token_file"] is not None else None
+    pretrained = o["pretrained"]
+    if pretrained is not None and not pretrained.is_file():
+        raise UsageError("checkpoint file not found", path=pretrained, fix="give the checkpoint file (--pretrained)")
+    specs = parse_adapter_specs(o["adapters"])  # names and files are checked before anything heavy
+    if not is_loopback(o["host"]) and token is None:
+        log.warning(f"listening on {o['host']} without --token-file: anyone who can reach this port can use the API")
+    load_options = {
+        "pretrained": str(pretrained) if pretrained is not None else None,
+        "device": o["device"],
+        "precision": o["precision"],
+        "cache_dir": o["cache_dir"],
+    }
+    return _ServePlan(specs, settings, token, load_options, given or set())
+
+
+def serve_plan(args: list[str]) -> _ServePlan:
+    """`adaclip serve ARGS...` parsed and checked as the command does, without serving (for
+    adaclip.serve.asgi); `--host` and the like are parsed and checked but are the caller's to use."""
+    from typer.main import get_command
+
+    use_cli_names()  # messages name --options, as the command's do
+    command = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    try:
+        context = command.make_context("adaclip serve", list(args))
+    except typer.Exit:
+        raise UsageError("asked for help: give adapter files and options") from None
+    except typer.TyperException as exc:  # typer's own click: a bad or unknown option, a missing argument
+        raise UsageError(exc.format_message()) from None  # type: ignore[attr-defined]
+    given = {
+        f"--{name.replace('_', '-')}" for name in context.params if context.get_parameter_source(name).name != "DEFAULT"
+    }
+    return _serve_plan(given=given, **context.params)
 
 
 @command(heavy=False)
@@ -947,11 +1239,31 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
     return flags + rest + argv[end:]
 
 
+def _join_seed_values(argv: list[str]) -> list[str]:
+    """`--seeds 1 2 3` (as the research scripts take it) -> `--seeds 1,2,3` (one option value)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--seeds":
+            values = []
+            while i + 1 < len(argv) and argv[i + 1].lstrip("-").replace(",", "").isdigit():
+                values.append(argv[i + 1])
+                i += 1
+            if values:
+                out.append(",".join(values))
+        elif argv[i] == "--":
+            out.extend(argv[i + 1 :])
+            break
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from ._interrupt import exit_130_until_started, forget_caught_interrupt
 
     exit_130_until_started()  # until a command's body starts (see `command`)
-    argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = _join_seed_values(_hoist_global_flags(list(sys.argv[1:] if argv is None else argv)))
     try:
         app(args=argv, prog_name="adaclip")
     except KeyboardInterrupt:  # outside a command's own handling (writing its output): still one line

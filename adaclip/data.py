@@ -397,6 +397,19 @@ def stratified_holdout(
     return keep, held
 
 
+FEW_SHOT_VAL_PER_CLASS = 4
+
+
+def few_shot_validation(rest: Sequence[LabelledImage], shots: int, seed: int, n_classes: int) -> list[LabelledImage]:
+    """The validation images of a few-shot run (CoOp's convention): min(shots, 4) per class, chosen by
+    `seed` from the training images that were not sampled as shots, so a K-shot run sees K + min(K, 4)
+    labelled images per class and nothing from the test set. `prepare_training_data` applies it with
+    `val_split="auto"`; benchmarks and `compare` use it through there."""
+    per_class = min(shots, FEW_SHOT_VAL_PER_CLASS)
+    # a stream of its own: the shots sampled under `seed` do not change
+    return few_shot_sample(rest, per_class, seed + 104_729, n_classes)
+
+
 def files_digest(images: Iterable[LabelledImage], root: Path) -> str:
     """sha256 over the sorted (relative path, label) pairs: identifies exactly which files were used."""
     digest = hashlib.sha256()
@@ -448,9 +461,6 @@ def check_classes_readable(data: TrainingData, max_pixels: int = DEFAULT_MAX_PIX
                 )
 
 
-MAX_AUTO_VAL = 10_000
-
-
 def prepare_training_data(
     root: str | Path,
     *,
@@ -462,8 +472,9 @@ def prepare_training_data(
     """Choose training and validation images for `fit`.
 
     Validation comes from `val/` when present. Otherwise `val_split` decides: a fraction is held out per
-    class before few-shot sampling; `auto` validates few-shot runs on the images that were not sampled
-    (at most 10,000) and full-data runs on a 10% hold-out; 0 disables validation.
+    class before few-shot sampling; `auto` validates few-shot runs on min(shots, 4) images per class that
+    were not sampled (`few_shot_validation`, CoOp's convention) and full-data runs on a 10% hold-out per
+    class; 0 disables validation.
     """
     root = Path(root)
     val_split = check_val_split(val_split)
@@ -487,13 +498,38 @@ def prepare_training_data(
         )
     if shots is not None and shots < 1:
         raise InputError(f"--shots must be at least 1, got {shots}")
-    pool = list(train_folder.images)
-    val: list[LabelledImage] = []
-    val_source = "none"
+    val_images = None
     if splits and "val" in splits:
         val_folder = read_image_folder(splits["val"], classes_file)
         _check_same_classes(train_folder, val_folder)
-        val, val_source = list(val_folder.images), "val/ folder"
+        val_images = list(val_folder.images)
+    return split_training_pool(
+        train_folder, list(train_folder.images), val_images, shots=shots, seed=seed, val_split=val_split, notes=notes
+    )
+
+
+def split_training_pool(
+    train_folder: ImageFolder,
+    pool: list[LabelledImage],
+    val_images: list[LabelledImage] | None,
+    *,
+    shots: int | None,
+    seed: int,
+    val_split: float | Literal["auto"] = "auto",
+    notes: list[str] | None = None,
+) -> TrainingData:
+    """Training and validation images from a training pool (`fit`'s rule, which `compare` shares).
+
+    `pool` is the folder's training images (`compare` first removes its test hold-out); `val_images`
+    those of a `val/` folder, if any, which then is the validation set.
+    """
+    val_split = check_val_split(val_split)
+    notes = list(notes or [])
+    n_classes = len(train_folder.folders)
+    val: list[LabelledImage] = []
+    val_source = "none"
+    if val_images is not None:
+        val, val_source = list(val_images), "val/ folder"
     elif val_split != "auto" and float(val_split) > 0:
         if not 0 < float(val_split) < 1:
             raise InputError(f"--val-split must be in [0, 1), got {val_split}")
@@ -508,13 +544,14 @@ def prepare_training_data(
         if shots
         else sorted(pool, key=lambda im: (im.label, str(im.path)))
     )
-    if val_split == "auto" and shots is not None and not (splits and "val" in splits):
+    if val_split == "auto" and shots is not None and val_images is None:
         chosen = {im.path for im in train}
-        rest = [im for im in pool if im.path not in chosen]
-        if len(rest) > MAX_AUTO_VAL:
-            rest = random.Random(seed + 1).sample(rest, MAX_AUTO_VAL)
-        val = sorted(rest, key=lambda im: (im.label, str(im.path)))
-        val_source = "images not sampled as shots" if val else "none (every image was sampled as a shot)"
+        val = few_shot_validation([im for im in pool if im.path not in chosen], shots, seed, n_classes)
+        val_source = (
+            f"min(shots, {FEW_SHOT_VAL_PER_CLASS}) per class not sampled as shots"
+            if val
+            else "none (every image was sampled as a shot)"
+        )
 
     counts = [0] * n_classes
     for image in train:

@@ -5,6 +5,8 @@ Used by training (feature caches, validation), `predict`, `eval` and `tta`.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +48,38 @@ def iterate_batches(
     yield from make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
 
 
-@torch.no_grad()
+class SharedEncodings:
+    """Features already computed through a frozen image tower, by (backbone, images, transform, seed,
+    view): methods that keep the image tower frozen see identical features for an (image, view), so a
+    comparison encodes each once. `reused_seconds` adds up what the reused encodings cost when they
+    were computed, so a run's time can be stated as if it had encoded them itself."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[EncodedImages, float]] = {}
+        self.reused_seconds = 0.0
+
+    def key(self, model: AdaptedCLIP, images: Sequence, transform: Callable, seed: int | None, epoch: int) -> tuple:
+        paths = tuple((str(im.path), im.label) if isinstance(im, LabelledImage) else str(im) for im in images)
+        # torchvision transforms print their parameters; anything else prints its identity, so two
+        # transforms can only share when they are the same object or print the same parameters.
+        return (id(model.backbone), paths, repr(transform), seed, epoch if seed is not None else 0)
+
+
+_shared: SharedEncodings | None = None
+
+
+@contextlib.contextmanager
+def sharing_frozen_encodings(shared: SharedEncodings | None = None) -> Iterator[SharedEncodings]:
+    """Within the block, `encode_images` reuses frozen-tower features computed earlier in it."""
+    global _shared
+    outer = _shared
+    _shared = shared or outer or SharedEncodings()
+    try:
+        yield _shared
+    finally:
+        _shared = outer
+
+
 def encode_images(
     model: AdaptedCLIP,
     images: Sequence[LabelledImage] | Sequence[Path],
@@ -58,7 +91,34 @@ def encode_images(
     seed: int | None = None,
     epoch: int = 0,
 ) -> EncodedImages:
-    """Normalised image features through the (adapted) image tower, eval mode."""
+    """Normalised image features through the (adapted) image tower, eval mode (reused inside
+    `sharing_frozen_encodings` when the image tower is frozen)."""
+    shared = _shared
+    if shared is None or not model.image_tower_frozen:
+        return _encode_images(model, images, transform, batch_size, workers, description, seed, epoch)
+    key = shared.key(model, images, transform, seed, epoch)
+    if key in shared.entries:
+        encoded, seconds = shared.entries[key]
+        shared.reused_seconds += seconds
+        report_skipped(encoded.skipped)
+        return encoded
+    started = time.perf_counter()
+    encoded = _encode_images(model, images, transform, batch_size, workers, description, seed, epoch)
+    shared.entries[key] = (encoded, time.perf_counter() - started)
+    return encoded
+
+
+@torch.no_grad()
+def _encode_images(
+    model: AdaptedCLIP,
+    images: Sequence[LabelledImage] | Sequence[Path],
+    transform: Callable,
+    batch_size: int,
+    workers: int | None,
+    description: str,
+    seed: int | None,
+    epoch: int,
+) -> EncodedImages:
     was_training = model.training
     model.eval()
     feats, labels, indices, skipped = [], [], [], []

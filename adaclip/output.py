@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, TextIO
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -95,8 +96,10 @@ def write_records(
     *,
     title: str | None = None,
     out: TextIO | None = None,
+    compact: bool = False,
 ) -> int:
-    """Write flat records in `fmt`; jsonl and csv stream. Returns how many were written."""
+    """Write flat records in `fmt`; jsonl and csv stream. Returns how many were written. A `compact`
+    table draws no column borders, so wide ones (a leaderboard) fit 80 columns."""
     out = out or sys.stdout
     count = 0
     if fmt == "jsonl":
@@ -119,7 +122,11 @@ def write_records(
             write_json(collected, out)
         count = len(collected)
     else:
-        table = Table(title=title, show_lines=False)
+        table = (
+            Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+            if compact
+            else Table(title=title, show_lines=False)
+        )
         for column in columns:
             table.add_column(column, overflow="fold")
         try:

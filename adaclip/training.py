@@ -99,6 +99,30 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_budget(
+    cfg: TrainConfig, n_images: int, shots: int | None, n_classes: int, steps_per_epoch: int
+) -> tuple[int, int]:
+    """(epochs, optimiser steps). Shots = the few-shot count, else training images per class (rounded).
+    `iterations_per_shot` fixes the step count (iterations x shots; the last epoch stops early);
+    `epochs_by_shots` picks the epoch count by shots; otherwise `epochs`."""
+    per_class = shots or max(1, round(n_images / max(1, n_classes)))
+    if cfg.iterations_per_shot:
+        total = cfg.iterations_per_shot * per_class
+        return math.ceil(total / steps_per_epoch), total
+    epochs = cfg.epochs
+    if cfg.epochs_by_shots:
+        fitting = [least for least in cfg.epochs_by_shots if least <= per_class]
+        epochs = cfg.epochs_by_shots[max(fitting) if fitting else min(cfg.epochs_by_shots)]
+    return epochs, epochs * steps_per_epoch
+
+
+def validates_after(epoch: int, epochs: int) -> bool:
+    """Whether epoch `epoch` (0-based) ends with a validation pass: every epoch of short runs, about 50
+    times over long ones (an iteration budget can mean thousands of short epochs), always the last."""
+    every = max(1, math.ceil(epochs / 50))
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch `epoch`: a function of (seed, epoch) alone."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -181,8 +205,11 @@ def train(
     cache = FeatureCache(model, data.train, cfg, seed, workers) if _use_cache(model, cfg) else None
     if model.head.uses_training_features:
         model.head.fit_training_features(_training_features(model, data, cache, workers))
+    if model.head.calibrates_before_training:
+        _calibrate(model, validator)  # e.g. Tip-Adapter-F trains at searched alpha, beta (scale-aware)
     params = model.trainable_parameters()
-    if not model.config.trainable or cfg.epochs == 0 or not params:
+    budget = cfg.epochs or cfg.epochs_by_shots or cfg.iterations_per_shot
+    if not model.config.trainable or not budget or not params:
         _calibrate(model, validator)
         record = TrainingRecord(
             epochs=0,
@@ -198,7 +225,7 @@ def train(
     torch.manual_seed(seed)
     n = len(data.train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    epochs, total_steps = training_budget(cfg, n, data.shots, len(data.class_names), steps_per_epoch)
     optimizer = make_optimizer(params, cfg, model.lr_scales())
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
     position = TrainingPosition()
@@ -224,13 +251,13 @@ def train(
     skipped: dict[str, SkippedImage] = {}
     epoch_seconds: list[float] = []
     log.detail(
-        f"training {model.n_trainable():,} parameters for {cfg.epochs} epochs x {steps_per_epoch} steps"
+        f"training {model.n_trainable():,} parameters for {total_steps} steps ({epochs} epochs x {steps_per_epoch})"
         f" ({'cached features' if cache else 'images through the encoder'}, {dist_ctx.world} process(es))"
     )
     try:
         with progress("training", total=total_steps) as advance:
             advance(position.global_step)
-            for epoch in range(position.epoch, cfg.epochs):
+            for epoch in range(position.epoch, epochs):
                 epoch_start = time.perf_counter()
                 model.train()
                 order = epoch_order(n, seed, epoch)
@@ -251,6 +278,8 @@ def train(
                 )
                 step_start = time.perf_counter()
                 for global_n, labels, pixels, features, indices, weight in batches:
+                    if position.global_step >= total_steps:
+                        break  # an iteration budget ends inside its last epoch
                     refs = references.lookup(epoch, indices) if references is not None else None
                     loss, ctx = step_module(labels, pixels, features, refs)
                     if references is not None and refs is None and weight > 0:
@@ -279,7 +308,7 @@ def train(
                     position.epoch_sums = [a + b for a, b in zip(position.epoch_sums, sums.tolist(), strict=True)]
                     position.step_in_epoch += 1
                     position.global_step += 1
-                    advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+                    advance(1, epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
                     if on_step_end is not None:
                         step_start = _report_step(on_step_end, sums.tolist(), epoch, position, step_lr, step_start)
                     if (
@@ -290,9 +319,11 @@ def train(
                     ):
                         _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
                 images_seen = position.epoch_sums[2]
-                entry = _finish_epoch(model, position, scheduler, validator, epoch, cfg.epochs)
+                validate = validates_after(epoch, epochs)
+                entry = _finish_epoch(model, position, scheduler, validator if validate else None, epoch)
                 epoch_seconds.append(time.perf_counter() - epoch_start)
-                log.info(_epoch_line(entry, cfg.epochs, epoch_seconds[-1]))
+                if validate:
+                    log.info(_epoch_line(entry, epochs, epoch_seconds[-1]))
                 if checkpoint is not None:
                     _save(checkpoint, model, optimizer, scheduler, position, dist_ctx)
                 if on_epoch_end is not None:
@@ -323,11 +354,11 @@ def train(
     )
     model.eval()
     history = position.history
-    final_val_accuracy = history[-1]["val_accuracy"] if history else None
+    final_val_accuracy = history[-1]["val_accuracy"] if history else None  # the last epoch always validates
     if _calibrate(model, validator):
         final_val_accuracy = validator.accuracy()  # after the head's settings were tuned on it
     record = TrainingRecord(
-        epochs=cfg.epochs,
+        epochs=epochs,
         steps=position.global_step,
         final_loss=history[-1]["loss"] if history else None,
         val_accuracy=final_val_accuracy,
@@ -360,9 +391,9 @@ def _report_step(callback: StepCallback, sums: list[float], epoch: int, position
     return time.perf_counter()  # the callback's own time is not the next step's
 
 
-def _finish_epoch(model, position: TrainingPosition, scheduler, validator, epoch: int, epochs: int) -> dict:
+def _finish_epoch(model, position: TrainingPosition, scheduler, validator, epoch: int) -> dict:
     loss_sum, correct, seen = position.epoch_sums
-    val_acc = validator.accuracy()
+    val_acc = validator.accuracy() if validator is not None else None
     entry = {
         "epoch": epoch + 1,
         "loss": round(loss_sum / max(1.0, seen), 6),
@@ -423,18 +454,18 @@ def _calibrate(model: AdaptedCLIP, validator: _Validator) -> bool:
     if not model.head.uses_validation_features:
         return False
     encoded = validator.encoded_all()
-    if encoded is None or len(encoded.labels) == 0:
+    val = None
+    if encoded is not None and len(encoded.labels):
+        val = FeatureSet(encoded.features, encoded.labels.to(encoded.features.device))
+    elif not model.head.calibrates_without_validation:
         log.info("no validation images: the head keeps its configured settings")
         return False
     with torch.no_grad():
-        chosen = model.head.calibrate(
-            FeatureSet(encoded.features, encoded.labels.to(encoded.features.device)),
-            model.class_features(),
-            model.backbone.logit_scale,
-        )
+        chosen = model.head.calibrate(val, model.class_features(), model.backbone.logit_scale)
     if not chosen:
         return False
-    log.info("tuned on the validation set: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
+    where = "the validation set" if val is not None else "the training images (no validation set)"
+    log.info(f"tuned on {where}: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
     return True
 
 

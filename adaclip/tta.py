@@ -15,17 +15,21 @@ Where the mask comes from:
 
 Modes:
   - episodic (the TPT protocol, which the paper's test-time comparison implies; the paper's objective is
-    not public): per image, `views - 1` random resized crops + flips and the original view; the
-    `confident_fraction` most confident views (lowest entropy) are kept; the entropy of their averaged
-    probability is minimised for `steps` AdamW steps; the prediction is made on the original view with the
-    updated mask; then the mask and the optimiser are reset. Each image's views are drawn from a generator
-    seeded with `seed` alone, so an image's result does not depend on its position in the folder.
+    not public; Shu et al., NeurIPS 2022, github.com/azshue/TPT): per image, `views - 1` random resized
+    crops (area 8-100%, TPT's RandomResizedCrop) + flips and the original view; the `confident_fraction`
+    most confident views (lowest entropy) are selected once, before the first step, and kept for every
+    step (TPT's `selected_idx`); the entropy of their averaged probability is minimised for `steps` AdamW
+    steps (weight decay 0.01, TPT's AdamW default); the prediction is made on the original view with the
+    updated mask; then the mask and the optimiser are reset. Each image's views are drawn from a
+    generator seeded with `seed` and the image's pixels, so an image's result does not depend on its
+    position or name in the folder, and different images get different crops.
   - online (adaclip's choice; no reset): the images are adapted on in batches, in a seeded random order
     (a folder sorted by class would otherwise feed batches of one class), with the information-
-    maximisation objective of SHOT: mean entropy of the (`confident_fraction` most confident of the)
-    batch's predictions, minus `diversity_weight` times the entropy of the running mean prediction
-    (momentum `diversity_momentum`; high only when predictions spread over the classes), plus
-    `anchor_weight` times KL(p_start || p), which keeps predictions near those of the starting mask.
+    maximisation objective of SHOT (Liang et al., ICML 2020, github.com/tim-learn/SHOT): mean entropy of
+    the (`confident_fraction` most confident of the) batch's predictions, minus `diversity_weight` (1, as
+    SHOT) times the entropy of the batch's mean prediction (high only when predictions spread over the
+    classes; `diversity_momentum` > 0 is adaclip's variant on a running mean), plus `anchor_weight` times
+    KL(p_start || p), adaclip's addition, which keeps predictions near those of the starting mask.
     Each batch is predicted right after its update; results come out in folder order.
   - tda (a baseline, training-free: Karmanov et al., "Efficient Test-Time Adaptation of Vision-Language
     Models", CVPR 2024; our implementation): nothing is optimised. Over the stream (same seeded order as
@@ -38,21 +42,16 @@ Modes:
     formulas). One view per image (TDA's ImageNet setting adds AugMix views). The cache lives for the
     stream only: there is no adapted file to write. Works on any adapter.
 
-Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step at lr 5e-3). Online:
-lr 1e-3, one step per batch of 32, diversity and anchor weights 1. Neither learning rate was tuned on
-real images (no pretrained backbone was available while writing this). On the test suite's shifted images
-(tiny random-weight backbone, 24 images, batches of 8; two fitted rada adapters at 0.875 / 0.833) the
-defaults gave episodic 0.917 / 0.875 and online 0.875 / 0.792. The guard, at a deliberately aggressive
-lr 0.1 with 10 steps per batch: without diversity and anchor every image ended in one class (0.25 /
-0.25); with both, 4 classes remained (0.667 / 0.708); the anchor alone held more (0.833 / 0.750) and the
-diversity term alone did not prevent collapse (2 classes, 0.50 / 0.29). Both are kept by default: the
-diversity term is the standard guard for long streams, which 3 batches of 24 images cannot show.
+Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step at lr 5e-3,
+weight decay 0.01). Online: lr 1e-3, one step per batch of 32, diversity and anchor weights 1. What they
+do on corrupted Fashion-MNIST is measured by `python -m benchmarks.tta` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -62,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .adapter_file import created_at_now
@@ -81,6 +81,8 @@ if TYPE_CHECKING:
 MASKED_VARIANTS = {"zeroshot": "rada", "full-ft": "rada-ft", "adaring": "adaring+rada"}
 DEFAULT_LR = {"episodic": 5e-3, "online": 1e-3}
 DEFAULT_CONFIDENT = {"episodic": 0.1, "online": 1.0}
+# TPT builds torch.optim.AdamW(params, lr), so PyTorch's default weight decay 0.01 applies; online keeps none.
+DEFAULT_WEIGHT_DECAY = {"episodic": 0.01, "online": 0.0}
 
 
 class TDASettings(BaseModel):
@@ -117,11 +119,20 @@ class TTASettings(BaseModel):
         None, gt=0, le=1, description="fraction of lowest-entropy views/images kept (default 0.1 episodic, 1 online)"
     )
     lr: float | None = Field(None, gt=0, description="AdamW learning rate (default 5e-3 episodic, 1e-3 online)")
+    weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay (default 0.01 episodic, as TPT's AdamW; 0 online)"
+    )
     batch_size: int = Field(32, ge=1, description="online: images per adaptation step")
-    min_crop_scale: float = Field(0.5, gt=0, le=1, description="episodic: smallest area a random crop keeps")
-    diversity_weight: float = Field(1.0, ge=0, description="online: weight of the diversity term")
+    min_crop_scale: float = Field(
+        0.08, gt=0, le=1, description="episodic: smallest area a random crop keeps (TPT's RandomResizedCrop: 0.08)"
+    )
+    diversity_weight: float = Field(1.0, ge=0, description="online: weight of the diversity term (SHOT: 1)")
     diversity_momentum: float = Field(
-        0.9, ge=0, lt=1, description="online: the diversity term uses a running mean prediction with this momentum"
+        0.0,
+        ge=0,
+        lt=1,
+        description="online: 0 (SHOT) takes the diversity term on the batch's mean prediction; m > 0 on a running "
+        "mean m * previous + (1 - m) * batch (its gradient then passes only through 1 - m)",
     )
     shuffle: bool = Field(True, description="online: adapt in a seeded random order (results stay in folder order)")
     anchor_weight: float = Field(1.0, ge=0, description="online: weight of KL(start || adapted)")
@@ -136,6 +147,10 @@ class TTASettings(BaseModel):
     @property
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    @property
+    def effective_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.mode]
 
     @property
     def effective_confident_fraction(self) -> float:
@@ -289,14 +304,36 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The rows with the lowest entropy: max(1, round(fraction * n)) of them (TPT keeps 6 of 64)."""
+def confident_rows(logits: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """Indices of the rows with the lowest entropy, max(1, int(fraction * n)) of them (TPT keeps 6 of
+    64), or None when that is every row."""
     n = logits.shape[0]
     keep = max(1, min(n, int(fraction * n)))
     if keep == n:
-        return logits
-    order = entropy(logits.detach()).argsort()[:keep]
-    return logits[order]
+        return None
+    return entropy(logits.detach()).argsort()[:keep]
+
+
+def confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The rows with the lowest entropy (see `confident_rows`)."""
+    rows = confident_rows(logits, fraction)
+    return logits if rows is None else logits[rows]
+
+
+def view_seed(seed: int, image: Image.Image) -> int:
+    """The seed of an image's episodic views: from `seed` and the image's pixels, so the same image gets the
+    same views anywhere in any folder, and two images of the same size get different crops."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=8, key=str(seed).encode())
+    digest.update(f"{image.mode}{image.size}".encode())
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
+def episodic_views(image: Image.Image, seed: int, n_views: int, eval_transform, augment) -> torch.Tensor:
+    """TPT's views of one image: the original (eval transform) and `n_views - 1` random augmentations,
+    drawn from a generator seeded by `view_seed` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(view_seed(seed, image))
+        return torch.stack([eval_transform(image)] + [augment(image) for _ in range(n_views - 1)])
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -313,7 +350,7 @@ def online_loss(
     kept = confident(logits, settings.effective_confident_fraction)
     loss = entropy(kept).mean()
     batch_mean = logits.softmax(dim=-1).mean(dim=0)
-    m = settings.diversity_momentum if running is not None else 0.0
+    m = settings.diversity_momentum if running is not None else 0.0  # 0: SHOT's batch-mean marginal
     marginal = m * (running if running is not None else 0) + (1 - m) * batch_mean
     if settings.diversity_weight:
         loss = loss + settings.diversity_weight * (marginal * marginal.clamp_min(1e-12).log()).sum()
@@ -427,7 +464,8 @@ class TestTimeAdaptation:
         self.optimizer = self._new_optimizer()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.head.parameters(), lr=self.settings.effective_lr, weight_decay=0.0)
+        s = self.settings
+        return torch.optim.AdamW(self.head.parameters(), lr=s.effective_lr, weight_decay=s.effective_weight_decay)
 
     def _reset(self) -> None:
         self.head.load_state_dict(self._start_state)
@@ -477,21 +515,19 @@ class TestTimeAdaptation:
         for index, path in enumerate(images):
             try:
                 image = load_image(path)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.settings.seed)  # the same views for the same image, anywhere
-                    views = [eval_transform(image)] + [augment(image) for _ in range(self.settings.views - 1)]
-                pixels = torch.stack(views)
+                pixels = episodic_views(image, self.settings.seed, self.settings.views, eval_transform, augment)
             except Exception as exc:  # noqa: BLE001 - one unreadable image must not end the run
                 yield index, path, None, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")
                 continue
             with torch.no_grad():
                 features = self.model.image_features(pixels)  # (V, D), encoders frozen: once per image
-            before = None
+            before, kept = None, None
             for step in range(self.settings.steps):
                 logits = self.head(features, class_features, scale).logits  # (V, K)
-                if step == 0:
+                if step == 0:  # TPT selects the confident views once, before the first step, and keeps them
                     before = int(logits[0].argmax())
-                loss = marginal_entropy(confident(logits, fraction))
+                    kept = confident_rows(logits, fraction)
+                loss = marginal_entropy(logits if kept is None else logits[kept])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -578,9 +614,14 @@ class TestTimeAdaptation:
             }
         )
         if s.mode == "episodic":
-            entry.update(views=s.views, min_crop_scale=s.min_crop_scale)
+            entry.update(views=s.views, min_crop_scale=s.min_crop_scale, weight_decay=s.effective_weight_decay)
         elif s.mode == "online":
-            entry.update(batch_size=s.batch_size, diversity_weight=s.diversity_weight, anchor_weight=s.anchor_weight)
+            entry.update(
+                batch_size=s.batch_size,
+                diversity_weight=s.diversity_weight,
+                diversity_momentum=s.diversity_momentum,
+                anchor_weight=s.anchor_weight,
+            )
         else:
             entry.update(batch_size=s.batch_size, tda=s.tda.model_dump(mode="json"))
         if self.labelled:

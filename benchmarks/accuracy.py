@@ -13,9 +13,15 @@ Protocols
   Methods tied to their training classes (linear-probe, tip-adapter) have no "new" score.
 * test-time adaptation (when `adaclip tta` is available): see benchmarks.tta.
 
-No validation split is used (`--val-split 0`): the test set is the only held-out data, and it is never
-used for choices. Methods whose image tower stays frozen are scored on test features encoded once;
-the others encode the test set through their adapted tower.
+Validation: the product's own protocol (`val_split="auto"`, `adaclip.data.few_shot_validation`):
+min(shots, 4) images per class from the training images not sampled as shots (CoOp's convention), the
+same images for every method under a seed. Whatever a method searches or tracks uses only those; the
+test set is never used for choices. The runs are `adaclip.comparison`'s (the engine of `adaclip
+compare`), so the protocol lives in the product: the same sampling as `fit --shots K --seed s`, the test
+images scored as compare scores them, and frozen-tower methods sharing one encoding per (image, view).
+
+A row is a method name, `tip-adapter-f` (`tip-adapter` with `finetune=true`), or a method with settings:
+`--methods "tip-adapter:leave_one_out=false" "rada:train.min_crop_scale=0.08"`.
 
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
@@ -29,15 +35,44 @@ import json
 import platform
 import statistics
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .common import DOCS, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
 
-DEFAULT_METHODS = ["zeroshot", "linear-probe", "tip-adapter", "coop", "lora", "adaring", "rada", "adaring+rada"]
+DEFAULT_METHODS = [
+    "zeroshot",
+    "linear-probe",
+    "tip-adapter",
+    "tip-adapter-f",
+    "coop",
+    "lora",
+    "adaring",
+    "rada",
+    "adaring+rada",
+]
+# benchmark rows that are a registered method with settings
+VARIANTS = {"tip-adapter-f": "tip-adapter:finetune=true"}
+
+
+def method_spec(row: str) -> tuple[str, dict]:
+    """A benchmark row -> (registered method, settings): `NAME`, a VARIANTS name, or
+    `NAME:key=value:...` (values as JSON, else text; dotted keys nest, e.g. `rada:train.min_crop_scale=0.08`)."""
+    name, *pairs = VARIANTS.get(row, row).split(":")
+    settings: dict = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return name, settings
+
+
 CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
 # Class folders in Fashion-MNIST label order, named as in sample_data (one source for both).
 FOLDERS = tuple(json.loads((ROOT / "sample_data" / "classes.json").read_text()))
@@ -76,95 +111,46 @@ def prepare_dataset(root: Path = CACHE) -> Path:
     return root
 
 
-@dataclass
-class TestSet:
-    """The 10-class test folder; its frozen-tower features are encoded once and shared by every method
-    whose image tower stays frozen."""
+def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared, config: dict):
+    """The compare engine for one (protocol, shots, row settings): test/ is the test set, validation is
+    the product's few-shot rule; base-to-new trains on BASE (in sorted folder order, as its folder would
+    list them)."""
+    from adaclip.comparison import Comparison, make_protocol
 
-    folder: Path
-    classes_file: Path
-    frozen: tuple[torch.Tensor, torch.Tensor] | None = None
-    _index: object = None
-
-    def index(self):
-        from adaclip.data import prepare_eval_data
-
-        if self._index is None:
-            self._index = prepare_eval_data(self.folder, self.classes_file)
-        return self._index
-
-    def features(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels as indices into FOLDERS) through the adapter's image tower."""
-        from adaclip.inference import encode_images
-
-        if adapter.model.image_tower_frozen and self.frozen is not None:
-            return self.frozen
-        folder = self.index()
-        encoded = encode_images(adapter.model, folder.images, adapter.backbone.eval_transform(), batch_size=32)
-        labels = torch.tensor([FOLDERS.index(folder.folders[int(y)]) for y in encoded.labels.cpu()])
-        if adapter.model.image_tower_frozen:
-            self.frozen = (encoded.features, labels)
-        return encoded.features, labels
-
-
-def accuracy_among(adapter, features: torch.Tensor, labels: torch.Tensor, folders: tuple[str, ...]) -> float:
-    """Accuracy on the images of `folders`, each scored among those classes only."""
-    from adaclip.inference import logits_in_batches
-
-    names = json.loads((ROOT / "sample_data" / "classes.json").read_text())
-    scored = [names[f] for f in folders]
-    if set(scored) == set(adapter.class_names):
-        scored = list(adapter.class_names)  # the adapter's own order: no class switch needed
-    wanted = torch.tensor([FOLDERS.index(f) for f in folders])
-    rows = torch.isin(labels, wanted)
-    with adapter.classes(scored):
-        predictions = logits_in_batches(adapter.model, features[rows.to(features.device)]).argmax(dim=-1).cpu()
-    truth = torch.tensor([scored.index(names[FOLDERS[int(y)]]) for y in labels[rows]])
-    return float((predictions == truth).float().mean())
-
-
-def _fit(args, backbone, data: Path, method: str, train: str, classes: str, shots: int, seed: int):
-    import adaclip
-
-    return adaclip.fit(
-        data / train,
-        method,
-        backbone=backbone,
+    split = make_protocol(
+        data,
         shots=shots,
-        seed=seed,
-        val_split=0,
-        classes=data / classes,
-        templates=args.templates,
+        classes=data / "classes.json",
+        val_split="auto",  # min(shots, 4) per class from the training images (CoOp's convention)
+        base_to_new=sorted(BASE) if protocol == "base-to-new" else False,
     )
+    return Comparison(split, backbone, templates=args.templates, batch_size=32, shared=shared, config=config)
 
 
-def few_shot_run(args, backbone, data: Path, method: str, shots: int, seed: int, test: TestSet) -> dict:
-    started = time.perf_counter()
-    adapter = _fit(args, backbone, data, method, "train", "classes.json", shots, seed)
-    fit_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    features, labels = test.features(adapter)
+def _run(comparison, row: str, seed: int):
+    result = comparison.run(method_spec(row)[0], seed)
+    if result.status != "ok":
+        sys.exit(f"{row} seed {seed} failed: {result.error}")
+    return result
+
+
+def few_shot_run(comparison, method: str, shots: int, seed: int) -> dict:
+    result = _run(comparison, method, seed)
     return {
         "protocol": "few-shot",
         "method": method,
         "shots": shots,
         "seed": seed,
-        "accuracy": accuracy_among(adapter, features, labels, FOLDERS),
-        "trainable_params": adapter.trainable_params,
-        "fit_seconds": round(fit_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - started, 1),
+        "accuracy": result.accuracy,
+        "trainable_params": result.trainable_params,
+        "fit_seconds": round(result.fit_seconds, 1),
+        "eval_seconds": round(result.test_seconds, 1),
     }
 
 
-def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: TestSet) -> dict:
-    from adaclip.methods import method_config_class
-
-    agnostic = method_config_class(method).class_agnostic
-    adapter = _fit(args, backbone, data, method, "base_train", "base_classes.json", 16, seed)
-    features, labels = test.features(adapter)  # all 10,000 test images, encoded once
-    base_acc = accuracy_among(adapter, features, labels, BASE)
-    new_acc = accuracy_among(adapter, features, labels, NEW) if agnostic else None
-    all_acc = accuracy_among(adapter, features, labels, FOLDERS) if agnostic else None
+def base_to_new_run(comparison, method: str, seed: int) -> dict:
+    result = _run(comparison, method, seed)
+    base_acc, new_acc = result.accuracy, result.new_accuracy  # new is None for class-tied methods
     return {
         "protocol": "base-to-new",
         "method": method,
@@ -172,7 +158,7 @@ def base_to_new_run(args, backbone, data: Path, method: str, seed: int, test: Te
         "seed": seed,
         "base": base_acc,
         "new": new_acc,
-        "all": all_acc,
+        "all": result.all_accuracy,
         "hm": 2 * base_acc * new_acc / (base_acc + new_acc) if new_acc else None,
     }
 
@@ -268,7 +254,8 @@ def save(output: Path, report: dict, done: dict[tuple, dict], *, complete: bool)
     report["base_to_new"] = [r for r in records if r["protocol"] == "base-to-new"]
     report["complete"] = complete
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"accuracy-{report['settings']['backbone']}", render(report))
+    section = report["settings"].get("section") or f"accuracy-{report['settings']['backbone']}"
+    replace_section(DOCS / "benchmarks.md", section, render(report))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,19 +268,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", nargs="+", default=["few-shot", "base-to-new"])
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --output; do the rest")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="docs/benchmarks.md section to write (default accuracy-BACKBONE, the main table)",
+    )
     args = parser.parse_args(argv)
 
     import adaclip
     from adaclip.methods import list_methods
 
     known = set(list_methods())
-    methods = [m for m in args.methods if m in known]
+    methods = [m for m in args.methods if method_spec(m)[0] in known]
     data = prepare_dataset()
     backbone = adaclip.create_backbone(args.backbone, None if args.backbone == "lite" else "openai")
     report = {
         **run_header(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "skipped_methods": sorted(set(args.methods) - known),
+        "skipped_methods": sorted(set(args.methods) - set(methods)),
     }
     output = args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json"
     done: dict[tuple, dict] = {}
@@ -301,14 +293,23 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(output.read_text())
         report["earlier_commands"] = previous.get("earlier_commands", []) + [previous["command"]]
         done = {_key(r): r for r in previous.get("few_shot", []) + previous.get("base_to_new", [])}
-    test = TestSet(data / "test", data / "classes.json")
+    from adaclip.inference import SharedEncodings
+
+    shared = SharedEncodings()  # one frozen-tower encoding of the test images for every comparison
+    comparisons: dict[tuple[str, int, str], object] = {}
     plan = planned_runs(args, methods)
     for number, (protocol, method, shots, seed) in enumerate(plan, 1):
         if (protocol, method, shots, seed) not in done:
+            name, settings = method_spec(method)
+            key = (protocol, shots, json.dumps(settings, sort_keys=True))
+            if key not in comparisons:
+                config = {name: settings} if settings else {}
+                comparisons[key] = comparison_for(args, backbone, data, protocol, shots, shared, config)
+            comparison = comparisons[key]
             if protocol == "few-shot":
-                record = few_shot_run(args, backbone, data, method, shots, seed, test)
+                record = few_shot_run(comparison, method, shots, seed)
             else:
-                record = base_to_new_run(args, backbone, data, method, seed, test)
+                record = base_to_new_run(comparison, method, seed)
             done[_key(record)] = record
             print(f"[{number}/{len(plan)}] " + json.dumps(record), file=sys.stderr, flush=True)
             save(output, report, done, complete=False)  # a run stopped early keeps what it measured

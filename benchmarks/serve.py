@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -179,6 +178,7 @@ async def load(
                 await asyncio.sleep(0.5)
 
         started = time.perf_counter()
+        load_before = os.getloadavg()[0]
         sampling = asyncio.ensure_future(sampler()) if sample_rss else None
         try:
             await asyncio.gather(*(worker() for _ in range(clients)))
@@ -188,6 +188,7 @@ async def load(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampling
         wall = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
     ok = statuses.get(200, 0)
     result: dict[str, Any] = {
         "clients": clients,
@@ -202,6 +203,8 @@ async def load(
         "rejected_503": statuses.get(503, 0),
         "rejected_without_retry_after": no_retry_after,
         "images_per_second": round(ok / wall, 2) if wall > 0 else None,
+        # the machine is shared: its 1-minute load average before and after the phase (2 cores)
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
     }
     ok_latencies = sorted(latencies)
     if ok_latencies:
@@ -247,7 +250,12 @@ def render(report: dict[str, Any]) -> str:
         row = dict(phase)
         if phase.get("images_per_second") and phase["name"].startswith("sustainable"):
             row["vs_predict"] = round(phase["images_per_second"] / baseline, 2)
+            if phase.get("predict_adjacent"):
+                nearby = statistics.fmean(phase["predict_adjacent"])
+                row["predict_nearby"] = round(nearby, 2)
+                row["vs_nearby"] = round(phase["images_per_second"] / nearby, 2)
         row["statuses"] = ", ".join(f"{k}: {v:,}" for k, v in phase["statuses"].items())
+        row["load"] = " / ".join(f"{x:.1f}" for x in phase.get("load_average_1min", []))
         rows.append(row)
     memory = report["memory"]
     lines = [
@@ -271,10 +279,13 @@ def render(report: dict[str, Any]) -> str:
                 ("requests_sent", "requests"),
                 ("images_per_second", "img/s"),
                 ("vs_predict", "vs predict"),
+                ("predict_nearby", "predict img/s just before/after"),
+                ("vs_nearby", "vs that"),
                 ("p50_ms", "p50 ms"),
                 ("p99_ms", "p99 ms"),
                 ("statuses", "statuses"),
                 ("failed", "failed"),
+                ("load", "load avg before / after"),
             ],
         ),
         "",
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         "2-core VM shared with other jobs; the load clients run on the same cores as the server, so the "
         "server's images/s includes their HTTP work"
     )
-    output = args.output or RESULTS / f"serve-{platform.node() or 'host'}.json"
+    output = args.output or RESULTS / "serve-lite-vm.json"
     with tempfile.TemporaryDirectory() as tmp:
         files = fit_adapters(Path(tmp))
         rates = predict_rate(files["linear-probe"], images, batch, repeats=2)
@@ -317,20 +328,21 @@ def main(argv: list[str] | None = None) -> None:
         phases = []
         server = Server(named, server_options)
         try:
-            for clients in (1, 16, 64):
+            # On a shared machine the load moves by the minute: predict is timed again (with the server
+            # idle) right before and after each throughput phase, and each phase's ratio uses those two.
+            adjacent = predict_rate(files["linear-probe"], images, batch, repeats=1)
+            for clients, adapter in ((1, "linear-probe"), (16, "linear-probe"), (64, "linear-probe"), (16, "all")):
                 result = asyncio.run(
-                    load(server.url, bodies, clients=clients, requests=args.requests, adapter="linear-probe",
+                    load(server.url, bodies, clients=clients, requests=args.requests, adapter=adapter,
                          max_seconds=args.max_seconds)
                 )  # fmt: skip
-                phases.append({"name": f"sustainable, {clients} clients", **result})
+                after = predict_rate(files["linear-probe"], images, batch, repeats=1)
+                name = f"sustainable, {clients} clients" if adapter != "all" else (
+                    "sustainable, adapter=all (3 adapters, one encoding)"
+                )  # fmt: skip
+                phases.append({"name": name, **result, "predict_adjacent": [round(r, 2) for r in adjacent + after]})
+                adjacent = after
                 print(phases[-1], file=sys.stderr)
-            result = asyncio.run(
-                load(
-                    server.url, bodies, clients=16, requests=args.requests, adapter="all", max_seconds=args.max_seconds
-                )
-            )
-            phases.append({"name": "sustainable, adapter=all (3 adapters, one encoding)", **result})
-            print(phases[-1], file=sys.stderr)
             soak = asyncio.run(
                 load(server.url, bodies, clients=16, requests=args.soak_requests, adapter="linear-probe",
                      max_seconds=args.max_seconds, sample_rss=server.rss_mib)

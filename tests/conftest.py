@@ -22,6 +22,17 @@ from PIL import Image  # noqa: E402
 # synchronisation than it gains (measured: full suite 50 s vs 76 s).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def api_wording_after_each_test():
+    """An in-process CLI call switches error fixes to option names for the rest of the process
+    (adaclip.errors.use_cli_names); put the Python API's wording back so no test depends on the order."""
+    yield
+    from adaclip import errors
+
+    errors._surface["cli"] = False
+
+
 TINY = "adaclip-test-vit"
 TINY_OTHER = "adaclip-test-vit-b"
 

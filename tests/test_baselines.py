@@ -425,10 +425,11 @@ def test_tip_adapter_builds_its_cache_and_round_trips_bit_exact(dataset, tiny_ba
 
 
 def test_tip_adapter_searches_alpha_beta_on_validation(dataset, tiny_backbone):
-    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0.25)
+    reference = {"search_units": "reference", "search_scale": (7.0, 3.0), "leave_one_out": False}
+    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0.25, **reference)
     head = adapter.model.head
     alpha, beta = head.alpha.item(), head.beta.item()
-    assert any(abs(beta - b) < 1e-6 for b in grid(7.0, 200).tolist())
+    assert any(abs(beta - b) < 1e-6 for b in grid(7.0, 200).tolist())  # the reference's absolute grid
     assert any(abs(alpha - a) < 1e-6 for a in grid(3.0, 20).tolist())
     # the chosen pair is at least as good on the validation images as the paper's defaults
     val = prepare_training_data(dataset, seed=0, val_split=0.25).val
@@ -444,6 +445,33 @@ def test_tip_adapter_searches_alpha_beta_on_validation(dataset, tiny_backbone):
     head.alpha.fill_(1.0)
     head.beta.fill_(5.5)
     assert searched >= val_accuracy()
+
+
+def test_tip_adapter_scaled_search_runs_without_validation(dataset, tiny_backbone, zero_shot_accuracy):
+    """The default search is in backbone-independent units and, for plain Tip-Adapter, also scores each
+    training image leave-one-out, so it runs (and beats zero-shot) without a validation set."""
+    adapter = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, seed=0, val_split=0)
+    head = adapter.model.head
+    assert (head.alpha.item(), head.beta.item()) != (1.0, 5.5)  # searched, not the configured defaults
+    assert adapter.evaluate(dataset / "test").accuracy >= zero_shot_accuracy + 0.3
+    # the stored values are absolute: a copy of the head with them gives the same logits as the file
+    features = adapter.model.image_features(_pixels(4, seed=7))
+    classes = adapter.model.class_features()
+    expected = (
+        tiny_backbone.logit_scale * features @ classes.t()
+        + head.alpha * torch.exp(-head.beta * (1 - features @ head.cache_keys.t())) @ head.cache_values
+    )
+    torch.testing.assert_close(adapter.model.logits_from_features(features), expected)
+    # Tip-Adapter-F searches before fine-tuning (keys = training features, leave-one-out) and trains at the
+    # values found; after fine-tuning its keys have seen the training images, so without validation images
+    # nothing more is searched. With search_init=false it trains and stays at the configured values.
+    tip_f = adaclip.fit(dataset, method="tip-adapter", backbone=tiny_backbone, val_split=0, finetune=True, epochs=1)
+    plain = (head.alpha.item(), head.beta.item())
+    assert (tip_f.model.head.alpha.item(), tip_f.model.head.beta.item()) == pytest.approx(plain, rel=1e-6)
+    tip_f = adaclip.fit(
+        dataset, method="tip-adapter", backbone=tiny_backbone, val_split=0, finetune=True, epochs=1, search_init=False
+    )
+    assert (tip_f.model.head.alpha.item(), tip_f.model.head.beta.item()) == (1.0, 5.5)
 
 
 def test_tip_adapter_f_fine_tunes_the_keys(dataset, tiny_backbone, tmp_path):
@@ -481,7 +509,49 @@ def test_partial_train_overrides_keep_the_methods_recipe():
     assert make_method_config("adaring", config.model_dump(mode="json")) == config
     lora = make_method_config("lora", {"train": {"epochs": 3}}).train
     assert (lora.epochs, lora.lr, lora.weight_decay, lora.min_crop_scale) == (3, 2e-4, 1e-2, 0.08)
+    assert lora.iterations_per_shot is None  # an explicit epoch count replaces CLIP-LoRA's iteration budget
+    reference = make_method_config("lora", {}).train
+    assert (reference.iterations_per_shot, reference.batch_size, reference.warmup_epochs) == (500, 32, 0)
     coop = make_method_config("coop", {"train": {"lr": 0.01}}).train
     assert (coop.optimizer, coop.lr, coop.epochs) == ("sgd", 0.01, 50)
+    assert coop.epochs_by_shots == {1: 50, 2: 100, 8: 200}  # CoOp's scripts
+    assert make_method_config("coop", {"train": {"epochs": 7}}).train.epochs_by_shots is None
     tip_f = make_method_config("tip-adapter", {"finetune": True, "train": {"lr": 1e-4}}).train
     assert (tip_f.epochs, tip_f.batch_size, tip_f.lr) == (20, 256, 1e-4)
+
+
+def test_iteration_budget_counts_steps_per_shot(dataset, tiny_backbone):
+    """CLIP-LoRA's budget: iterations x shots optimiser steps, whatever the batch and epoch sizes; the last
+    epoch stops inside itself, and the run still ends with a validation pass."""
+    adapter = adaclip.fit(
+        dataset,
+        method="lora",
+        backbone=tiny_backbone,
+        shots=5,
+        batch_size=8,
+        val_split="auto",
+        config={"train": {"iterations_per_shot": 2, "feature_cache": "off"}},
+    )
+    record = adapter.metadata.training
+    # 5 shots x 4 classes = 20 images, 3 steps per epoch; 2 x 5 = 10 steps = 3 full epochs + 1 step
+    assert (record.steps, record.epochs, len(record.history)) == (10, 4, 4)
+    assert record.history[-1]["val_accuracy"] is not None
+
+
+def test_training_budget_follows_the_reference_schedules():
+    from adaclip.training import training_budget
+
+    coop = make_method_config("coop").train
+    # (epochs, steps) for 10 classes, 4 steps per epoch: CoOp 50 / 100 / 200 epochs at 1 / 4 / 16 shots
+    assert [training_budget(coop, 10 * s, s, 10, 4) for s in (1, 2, 4, 8, 16)] == [
+        (50, 200),
+        (100, 400),
+        (100, 400),
+        (200, 800),
+        (200, 800),
+    ]
+    lora = make_method_config("lora").train
+    assert training_budget(lora, 160, 16, 10, 5) == (1600, 8000)  # CLIP-LoRA: 500 x 16 iterations
+    assert training_budget(lora, 40, None, 10, 2) == (1000, 2000)  # full data: shots = images per class
+    plain = make_method_config("rada").train
+    assert training_budget(plain, 160, 16, 10, 5) == (plain.epochs, plain.epochs * 5)

@@ -120,9 +120,16 @@ def test_few_shot_sampling_is_reproducible_and_seed_dependent(tmp_path):
     per_class = [sum(im.label == k for im in first.train) for k in range(3)]
     assert per_class == [4, 4, 3]
     assert any("fewer than 4" in note for note in first.notes)
-    # auto validation = the images that were not sampled, disjoint from training
-    assert len(first.val) == 16 + 16
+    # auto validation (CoOp's convention): min(shots, 4) per class of the images not sampled, disjoint
+    # from training; class c's 3 images were all sampled, so it has none
+    assert [sum(im.label == k for im in first.val) for k in range(3)] == [4, 4, 0]
     assert not {im.path for im in first.val} & {im.path for im in first.train}
+    assert [im.path for im in first.val] == [im.path for im in again.val]
+    one = prepare_training_data(tmp_path, shots=1, seed=7)
+    assert [sum(im.label == k for im in one.val) for k in range(3)] == [1, 1, 1]
+    assert one.val_source == "min(shots, 4) per class not sampled as shots"
+    # the validation draw does not move the shots: the same seed samples the same training images
+    assert prepare_training_data(tmp_path, shots=4, seed=7, val_split=0).sampled_files == first.sampled_files
 
 
 def test_val_split_fraction_and_val_folder(tmp_path):

@@ -422,4 +422,4 @@ def test_indexing_opens_no_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image, "open", refuse)
     data = prepare_training_data(tmp_path, shots=16, seed=0)
-    assert len(data.train) == 64 and len(data.val) == 2000 - 64
+    assert len(data.train) == 64 and len(data.val) == 4 * 4  # min(shots, 4) per class not sampled as shots

@@ -381,6 +381,51 @@ def test_reserve_refuses_past_capacity():
     batcher.reserve(5)
 
 
+def test_adapters_of_a_local_checkpoint_are_served_from_one_copy(tiny_backbone, test_images, tmp_path, capsys):
+    """Adapters trained on a local checkpoint load it from where they were trained (or --pretrained),
+    sha256-checked; two copies of the same file at different paths are one backbone."""
+    import shutil
+
+    import torch
+
+    from adaclip.backbone import create_backbone
+    from adaclip.errors import AdapterFileError
+
+    weights = {k: v + 0.01 for k, v in tiny_backbone.model.state_dict().items()}  # not the "none" weights
+    first, second = tmp_path / "a" / "weights.pt", tmp_path / "b" / "weights.pt"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    torch.save(weights, first)
+    shutil.copyfile(first, second)
+    files = {}
+    for name, checkpoint, classes in (("one", first, ["cat", "dog"]), ("two", second, ["car", "bus", "van"])):
+        backbone = create_backbone(tiny_backbone.identity.name, str(checkpoint), device="cpu")
+        files[name] = adaclip.zero_shot_adapter(classes, backbone=backbone).save(tmp_path / f"{name}.adaclip")
+    specs = parse_adapter_specs([str(path) for path in files.values()])
+
+    served = load_adapter_set(specs)  # from the recorded paths
+    assert len(served.backbones) == 1 and served.get("one").adapter.backbone is served.get("two").adapter.backbone
+    expected = adaclip.load(files["two"], pretrained=str(second)).predict(test_images, top_k=2)
+    with running(create_app(Service(served, SETTINGS))) as url:
+        answer = httpx.post(f"{url}/v1/classify", params={"adapter": "two", "top_k": 2}, files=files_of(test_images))
+    assert answer.status_code == 200, answer.text
+    for record, prediction in zip(answer.json()["predictions"], expected, strict=True):
+        assert record == {**prediction.to_dict(), "path": record["path"]}
+
+    moved = tmp_path / "moved.pt"
+    first.rename(moved)
+    with pytest.raises(AdapterFileError, match="pass pretrained="):  # before any backbone is built
+        load_adapter_set(specs)
+    assert len(load_adapter_set(specs, pretrained=str(moved)).backbones) == 1
+    other = tmp_path / "other.pt"
+    torch.save(tiny_backbone.model.state_dict(), other)
+    with pytest.raises(AdapterFileError, match="checkpoint sha256"):
+        load_adapter_set(specs, pretrained=str(other))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(files["one"]), "--pretrained", str(tmp_path / "gone.pt")])
+    assert exit_info.value.code == 2 and "checkpoint file not found" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ command
 
 
@@ -456,6 +501,37 @@ def test_serve_command_end_to_end_and_sighup_reload(adapter_files, dataset, tiny
     reader.join(5)
     text = "".join(lines)
     assert "reload failed, still serving the previous adapters" in text and "Traceback" not in text
+
+
+def test_asgi_factory_serves_what_the_command_would(
+    adapter_files, adapter_set, test_images, tmp_path, monkeypatch, capsys
+):
+    """uvicorn --factory / gunicorn build the app from ADACLIP_SERVE_ARGS: the same options and checks
+    as `adaclip serve`, the same answers; a bad option ends the worker with one line and exit code 2."""
+    from adaclip.serve.asgi import ENV, create_from_env
+
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv(ENV, f"probe={adapter_files['probe']} --token-file {token_file} --max-images 2 --port 9")
+    app = create_from_env()
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/v1/adapters").status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        answer = client.post("/v1/classify?top_k=2", files=files_of(test_images[:2]), headers=auth)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == own_predict(adapter_set, "probe", test_images[:2], 2)
+        too_many = client.post("/v1/classify", files=files_of(test_images[:3]), headers=auth)
+        assert too_many.status_code == 413  # --max-images 2 reached the app
+    for args, message in (
+        (f"{adapter_files['probe']} --max-batch 0", "--max-batch"),
+        (f"{adapter_files['probe']} --no-such-option", "No such option"),
+        (str(tmp_path / "missing.adaclip"), "adapter file not found"),
+    ):
+        monkeypatch.setenv(ENV, args)
+        with pytest.raises(SystemExit) as exit_info:
+            create_from_env()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (args, err)
 
 
 def wait_for(condition, seconds: float = 30) -> bool:

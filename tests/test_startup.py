@@ -16,7 +16,7 @@ from adaclip.identity import BackboneIdentity, PreprocessConfig
 from adaclip.method_catalog import builtin_methods
 from adaclip.methods import method_registry
 
-HEAVY = ("torch", "torchvision", "open_clip")
+HEAVY = ("torch", "torchvision", "open_clip", "matplotlib")
 # Runs the CLI in a fresh interpreter and reports which heavy top-level modules it imported.
 DRIVER = """
 import json, sys
@@ -69,6 +69,8 @@ def adapter_file(tmp_path_factory):
         ["predict", "--help"],
         ["eval", "--help"],
         ["export", "--help"],
+        ["compare", "--help"],
+        ["report", "--help"],
         ["version"],
         ["--version"],
         ["methods"],

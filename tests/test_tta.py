@@ -295,3 +295,30 @@ def test_tda_mode_runs_on_any_adapter_and_writes_nothing(rada_adapter, dataset, 
 
 def rada_file_path(adapter, tmp_path) -> Path:
     return adapter.save(tmp_path / "rada_for_tda.adaclip", force=True)
+
+
+def test_episodic_views_are_seeded_per_image():
+    """Different images of the same size get different crops (the seed mixes in the pixels); the same
+    pixels get the same crops under any name; TPT's defaults hold."""
+    from adaclip.tta import TTASettings, view_seed
+
+    red, blue = Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200))
+    assert view_seed(0, red) != view_seed(0, blue)
+    assert view_seed(0, red) == view_seed(0, red.copy()) != view_seed(1, red)
+    # the crop boxes themselves, drawn as TPT's RandomResizedCrop draws them, through the episodic path
+    from torchvision.transforms import RandomResizedCrop
+
+    from adaclip.tta import episodic_views
+
+    def box(image):
+        return torch.tensor(RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)))
+
+    def boxes(image, seed=0):
+        return episodic_views(image, seed, 8, lambda im: torch.zeros(4, dtype=torch.long), box)[1:]
+
+    assert not torch.equal(boxes(red), boxes(blue))  # same size, different images: different crops
+    assert torch.equal(boxes(red), boxes(red.copy()))
+    assert len({tuple(b.tolist()) for b in boxes(red)}) == 7  # the views of one image differ too
+    settings = TTASettings()
+    assert (settings.min_crop_scale, settings.effective_weight_decay, settings.views) == (0.08, 0.01, 64)
+    assert TTASettings(mode="online").diversity_momentum == 0.0  # SHOT's batch-mean marginal

@@ -1,5 +1,6 @@
 """`make demo`: fit -> predict -> eval -> tta on sample_data/ with the offline `lite` backbone, through
-the real `adaclip` command line, then a short table of what each step achieved.
+the real `adaclip` command line, then a short table of what each step achieved; last, `adaclip compare`
+over a quick method set, its leaderboard and where its HTML report is.
 
     python tools/demo.py                   # what `make demo` runs
     python tools/demo.py --workdir /tmp/x  # keep the adapter files somewhere else
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--methods", nargs="+", default=["adaring", "rada"])
     parser.add_argument("--set", dest="settings", action="append", default=[], help="extra adaring --set key=value")
+    parser.add_argument(
+        "--compare-methods",
+        default="zeroshot,linear-probe,rada,adaring",
+        help="methods of the compare step (comma-separated; empty: no compare step)",
+    )
+    parser.add_argument("--compare-seeds", default="1", help="seeds of the compare step, e.g. 1,2")
     args = parser.parse_args(argv)
 
     work = args.workdir
@@ -152,6 +159,36 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['accuracy']:>9.3f} {row['images']:>7} {row['seconds']:>8.1f}"
         )
     print(f"\nadapter files: {work}")
+    if args.compare_methods:
+        compare_step(args, work, backbone)
+    print(f"\ndemo total {time.perf_counter() - started:.0f} s")
+
+
+def compare_step(args, work: Path, backbone: list[str]) -> None:
+    """Which method is best on sample_data: every method under one protocol (validation carved from
+    train/, scored on test/), the leaderboard, the recommendation and the HTML report."""
+    report = work / "compare.html"
+    board, seconds = adaclip(
+        "compare", str(DATA), "--classes", str(DATA / "classes.json"), "--templates", "ensemble",
+        "-m", args.compare_methods, "--seeds", args.compare_seeds, *backbone,
+        "--out-dir", str(work / "compare"), "--force", "--report", str(report), "-f", "json",
+    )  # fmt: skip
+    print(f"\nadaclip compare (seeds {args.compare_seeds}; {board['protocol']['validation']} for validation, "
+          f"test/ for the scores), {seconds:.0f} s:\n")  # fmt: skip
+    header = f"{'method':<14} {'test acc':>9} {'val acc':>8} {'trainable params':>16} {'fit s':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in board["leaderboard"]:
+        if row["accuracy"] is None:
+            print(f"{row['method']:<14} failed: {row['error']}")
+            continue
+        print(
+            f"{row['method']:<14} {row['accuracy']:>9.3f} {row['val_accuracy'] or 0:>8.3f} "
+            f"{row['trainable_params']:>16,} {row['fit_seconds']:>7.1f}"
+        )
+    print(f"\nrecommended: {board['recommended']} ({board['reason']})")
+    print(f"best adapter: {board['best_adapter']}")
+    print(f"report: {report}  (open it in a browser; no network needed)")
 
 
 if __name__ == "__main__":

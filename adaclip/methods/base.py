@@ -33,6 +33,21 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=0, description="passes over the training images")
+    epochs_by_shots: dict[int, int] | None = Field(
+        None,
+        description=(
+            "{min shots: epochs}: the epoch count for a run with at least that many shots per class (the "
+            "largest key that fits), replacing `epochs`; CoOp's configs: {1: 50, 2: 100, 8: 200}"
+        ),
+    )
+    iterations_per_shot: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "train for this many optimiser steps per shot (training images per class) instead of `epochs`: "
+            "CLIP-LoRA's budget is 500 x shots; setting `epochs` alone turns it off"
+        ),
+    )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay on matrices (not on 1-D params)")
@@ -82,6 +97,8 @@ class MethodConfig(BaseModel):
     trainable: ClassVar[bool] = True
     # True when the method can score class names it was not trained on (base-to-new generalisation).
     class_agnostic: ClassVar[bool] = True
+    # True when every weight of the backbone trains (hours on a CPU): `compare` runs it only on request.
+    tunes_whole_backbone: ClassVar[bool] = False
 
     train: TrainConfig = TrainConfig()
 
@@ -97,7 +114,11 @@ class MethodConfig(BaseModel):
         others keep this method's recipe rather than TrainConfig's generic defaults."""
         if isinstance(data, dict) and not isinstance(data.get("train"), TrainConfig):
             recipe = cls.default_train(data).model_dump()
-            data = {**data, "train": {**recipe, **(data.get("train") or {})}}
+            given = dict(data.get("train") or {})
+            if "epochs" in given:  # an explicit epoch count replaces a budget that depends on the shots
+                given.setdefault("iterations_per_shot", None)
+                given.setdefault("epochs_by_shots", None)
+            data = {**data, "train": {**recipe, **given}}
         return data
 
     def build(self, ctx: BuildContext) -> Parts:
@@ -201,14 +222,19 @@ class Head(nn.Module):
 
     uses_training_features: ClassVar[bool] = False
     uses_validation_features: ClassVar[bool] = False
+    calibrates_without_validation: bool = False  # calibrate(None, ...) is called when there is no validation set
+    calibrates_before_training: bool = False  # calibrate is also called after fit_training_features, before training
     lr_scale: float = 1.0  # this part's learning rate = train.lr * lr_scale (set per instance to change)
 
     def fit_training_features(self, train: FeatureSet) -> None:
         """Build state from every training image's features (un-augmented, or the mean of the cached
         augmented views). Called before the optimiser is made, so it may create parameters."""
 
-    def calibrate(self, val: FeatureSet, class_features: torch.Tensor, logit_scale: float) -> dict[str, float] | None:
-        """Tune settings on the validation features after training; return what was chosen (logged)."""
+    def calibrate(
+        self, val: FeatureSet | None, class_features: torch.Tensor, logit_scale: float
+    ) -> dict[str, float] | None:
+        """Tune settings on the validation features after training (None: there are none, and the head
+        said it can tune without); return what was chosen (logged)."""
         return None
 
     def adapt_to_state(self, state: dict[str, torch.Tensor]) -> None:

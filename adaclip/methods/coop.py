@@ -17,8 +17,8 @@ scores new class names too (class-agnostic).
 
 Recipe (CoOp's configs/trainers/CoOp, Dassl defaults): SGD, lr 2e-3, momentum 0.9, weight decay 5e-4,
 batch 32, cosine decay after one warm-up epoch, random resized crops (scale 0.08-1) and flips.
-CoOp warms up at a constant 1e-5; adaclip's loop warms up linearly. CoOp trains 200 epochs at 16 shots
-(100 at 4-8 shots, 50 at 1-2 shots and on ImageNet); adaclip defaults to 50 (see README).
+CoOp warms up at a constant 1e-5; adaclip's loop warms up linearly. Epochs as CoOp's scripts (COOP.md):
+50 at 1 shot, 100 at 2-4 shots, 200 from 8 shots on (`train.epochs_by_shots`; `--epochs N` replaces it).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class CoOpConfig(MethodConfig):
     init_std: float = Field(0.02, gt=0, description="std of the random context initialisation")
     train: TrainConfig = TrainConfig(
         epochs=50,
+        epochs_by_shots={1: 50, 2: 100, 8: 200},
         optimizer="sgd",
         lr=2e-3,
         momentum=0.9,

@@ -151,6 +151,7 @@ class FullFineTuneConfig(MethodConfig):
     """Both towers fully trained with CLIP's cosine classifier."""
 
     name: ClassVar[str] = "full-ft"
+    tunes_whole_backbone: ClassVar[bool] = True
     summary: ClassVar[str] = "full fine-tuning of both towers, cosine head (baseline; large adapter files)"
 
     objective: Literal["ce", "contrastive"] = Field(

@@ -2,8 +2,11 @@
 
 The recipe is CLIP-LoRA's (Zanella & Ben Ayed, CVPR-W 2024, github.com/MaxZanella/CLIP-LoRA): rank 2,
 alpha 1, on the query, key and value projections of every attention layer of both encoders, dropout
-0.25 on the input of each low-rank branch, AdamW (lr 2e-4, weight decay 1e-2), batch 32, cosine
-schedule, random resized crops (scale 0.08-1) and flips. Each adapted projection W (d_out x d_in) gets
+0.25 on the input of each low-rank branch, AdamW (lr 2e-4, weight decay 1e-2), batch 32, 500 x shots
+iterations with a cosine schedule, random resized crops (scale 0.08-1) and flips; class features from the
+first template only (`prompts="first"`: CLIP-LoRA encodes `template[0]`). With a frozen image tower (the
+`lite` backbone's CNN) the training loop caches `train.cache_views` augmented views of each image's
+features, so each iteration costs only the text tower. Each adapted projection W (d_out x d_in) gets
 
     y = W x + b + s * B A dropout(x),    A: (r, d_in) Kaiming-uniform,  B: (d_out, r) zero,
 
@@ -61,6 +64,11 @@ class LoRASettings(BlockSelection):
         "sqrt_r", description="scale = alpha / sqrt(r) (CLIP-LoRA's code) or alpha / r (LoRA paper, PEFT)"
     )
     dropout: float = Field(0.25, ge=0, lt=1, description="dropout on the input of each low-rank branch")
+    prompts: Literal["first", "all"] = Field(
+        "first",
+        description="class features from the first template only (CLIP-LoRA's template[0], in training and "
+        "prediction) or from the whole --templates ensemble (each template costs a text-tower pass per step)",
+    )
 
     @field_validator("projections", mode="before")
     @classmethod
@@ -80,11 +88,17 @@ class LoRAConfig(LoRASettings, MethodConfig):
     name: ClassVar[str] = "lora"
     summary: ClassVar[str] = "low-rank updates of q/k/v in both encoders (CLIP-LoRA recipe)"
 
-    # CLIP-LoRA: AdamW lr 2e-4, weight decay 1e-2, batch 32, cosine decay, no warm-up, crops of scale
-    # 0.08-1. It runs 500 x shots iterations, i.e. 16,000 / n_classes epochs (16 on ImageNet, 1,600 on
-    # a 10-class set); adaclip defaults to a fixed 50 epochs (see README), `--epochs` changes it.
+    # CLIP-LoRA (main.py, lora.py): AdamW lr 2e-4, weight decay 1e-2, batch 32, cosine decay, no warm-up,
+    # crops of scale 0.08-1, and 500 x shots iterations (8,000 at 16 shots, whatever the number of classes).
+    # `--epochs N` replaces the iteration budget with N epochs.
     train: TrainConfig = TrainConfig(
-        epochs=50, lr=2e-4, weight_decay=1e-2, batch_size=32, warmup_epochs=0, min_crop_scale=0.08
+        epochs=50,
+        iterations_per_shot=500,
+        lr=2e-4,
+        weight_decay=1e-2,
+        batch_size=32,
+        warmup_epochs=0,
+        min_crop_scale=0.08,
     )
 
     def build(self, ctx: BuildContext) -> Parts:
@@ -516,6 +530,12 @@ class LoRAAdapters(Component):
         self.adapts_image_tower = "image" in self.sites
         self.adapts_text_tower = "text" in self.sites
         self._entries: list[tuple[_Wrapper, _Entry]] = []
+
+    def class_features(self, backbone: Backbone, class_names: list[str], templates: list[str]) -> torch.Tensor | None:
+        if self.settings.prompts == "all" or len(templates) == 1:
+            return None  # the model's own encoding of every template
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.adapts_text_tower):
+            return backbone.encode_prompts(class_names, templates[:1])
 
     # --- wiring -----------------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ batches on one worker thread), `inputs` (request parsing and limits), `security`
     specs = parse_adapter_specs(["pets=pets.adaclip", "zs.adaclip"])
     service = Service(load_adapter_set(specs), ServeSettings())
     app = create_app(service)     # any ASGI server runs it
+
+`asgi.create_from_env` builds the same app from `adaclip serve`'s options, for uvicorn --workers or
+gunicorn (several replicas behind one port).
 """
 
 from __future__ import annotations
@@ -26,31 +29,28 @@ __all__ = [
     "create_app",
     "load_adapter_set",
     "make_settings",
+    "build_app",
     "parse_adapter_specs",
     "run_server",
 ]
 
 
-def run_server(
+def build_app(
     specs: list[AdapterSpec],
     settings: ServeSettings,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     token: str | None = None,
+    pretrained: str | None = None,
     device: str | None = None,
     precision: str = "auto",
     cache_dir: str | None = None,
-    max_connections: int = 512,
-    log_level: str = "info",
-) -> None:
-    """Load the adapters, then serve until SIGINT/SIGTERM; SIGHUP re-reads the adapter files."""
-    import uvicorn
-
+):
+    """Load the adapters and return the ASGI app; SIGHUP re-reads the adapter files (when the app runs
+    in the main thread of its process)."""
     from ..ui import log
 
     _one_malloc_arena()
-    options = {"device": device, "precision": precision, "cache_dir": cache_dir}
+    options = {"pretrained": pretrained, "device": device, "precision": precision, "cache_dir": cache_dir}
     adapters = load_adapter_set(specs, **options)
 
     def reload_files(current: AdapterSet) -> AdapterSet:
@@ -63,7 +63,25 @@ def run_server(
         log.info(f"{served.name}: {served.adapter.method} on {served.adapter.backbone.identity.describe()} ({tower})")
     log.info(f"{len(adapters.adapters)} adapters on {len(adapters.backbones)} backbone copies")
     service = Service(adapters, settings, reloader=reload_files)
-    app = create_app(service, token=token)
+    return create_app(service, token=token)
+
+
+def run_server(
+    specs: list[AdapterSpec],
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_connections: int = 512,
+    log_level: str = "info",
+    **options,
+) -> None:
+    """Load the adapters (`options`: as build_app's), then serve until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from ..ui import log
+
+    app = build_app(specs, settings, **options)
     config = uvicorn.Config(
         app,
         host=host,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, Prediction, load
+from ..adapter import Adapter, Prediction, load, weights_source
 from ..adapter_file import SUFFIX, read_adapter_header
 from ..backbone import Backbone, BackboneIdentity
 from ..errors import UsageError
@@ -61,7 +61,9 @@ def parse_adapter_specs(items: Iterable[str]) -> list[AdapterSpec]:
 
 
 def backbone_key(identity: BackboneIdentity) -> str:
-    return identity.model_dump_json()
+    # Where a checkpoint file was is a hint, not its identity (its sha256 is): adapters trained on the
+    # same weights at different paths share one copy.
+    return identity.model_dump_json(exclude={"checkpoint_hint"})
 
 
 @dataclass
@@ -141,6 +143,7 @@ def load_adapter_set(
     specs: list[AdapterSpec],
     *,
     backbones: Iterable[Backbone] = (),
+    pretrained: str | None = None,
     device: str | None = None,
     precision: str = "auto",
     cache_dir: str | None = None,
@@ -148,25 +151,26 @@ def load_adapter_set(
 ) -> AdapterSet:
     """Load every adapter, building each distinct backbone once; `backbones` are reused when they match.
 
-    Every header is read and checked before the first backbone is built, so a broken file fails fast.
+    `pretrained` is a local checkpoint file for the adapters trained on one (as `load`'s; its sha256
+    must match theirs); without it they find their checkpoint where they were trained. Every header is
+    read and checked before the first backbone is built, so a broken file fails fast.
     """
     headers = [read_adapter_header(spec.path) for spec in specs]
+    sources: list[str | None] = []
     for spec, header in zip(specs, headers, strict=True):
         method_config_class(header.method)  # an unknown method fails here, before any backbone is built
-        if header.backbone.checkpoint_sha256:
-            raise UsageError(
-                f"adapter trained on a local checkpoint ({header.backbone.pretrained}) cannot be served yet",
-                path=spec.path,
-                fix="serve adapters of open_clip pretrained tags or the lite backbone",
-            )
+        # A local checkpoint: `pretrained`, else the file where the adapter was trained (a missing one
+        # fails here); load() checks its sha256. Open_clip tags and lite need nothing.
+        local = header.backbone.checkpoint_sha256 is not None
+        sources.append(weights_source(header, spec.path, pretrained) if local else None)
     available = {backbone_key(b.identity): b for b in backbones}
     used: dict[str, Backbone] = {}
     served: dict[str, ServedAdapter] = {}
-    for spec, header in zip(specs, headers, strict=True):
+    for spec, header, source in zip(specs, headers, sources, strict=True):
         key = backbone_key(header.backbone)
         backbone = used.get(key) or available.get(key)
         if backbone is None:
-            adapter = load(spec.path, device=device, precision=precision, cache_dir=cache_dir)
+            adapter = load(spec.path, pretrained=source, device=device, precision=precision, cache_dir=cache_dir)
             backbone = adapter.backbone
         else:
             adapter = load(spec.path, backbone=backbone)
