@@ -211,6 +211,14 @@ def _read_config_file(path: Path | None) -> dict[str, Any]:
     return document
 
 
+def _backbone_choice(backbone: str | None, pretrained: str | None) -> dict[str, str | None]:
+    """The backbone options of fit and compare: ViT-B-16 with OpenAI's weights unless told otherwise
+    (lite has no pretrained tag)."""
+    if pretrained is None:
+        pretrained = None if backbone == "lite" else "openai"
+    return {"backbone": backbone or "ViT-B-16", "pretrained": pretrained}
+
+
 def _parse_val_split(value: str) -> float | str:
     if value == "auto":
         return "auto"
@@ -341,8 +349,7 @@ def fit(
                 run_logs,
                 data,
                 method,
-                backbone=backbone or "ViT-B-16",
-                pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
+                **_backbone_choice(backbone, pretrained),
                 shots=shots,
                 epochs=epochs,
                 batch_size=batch_size,
@@ -815,8 +822,7 @@ def compare(
         method_list,
         seeds=seed_list,
         shots=shots,
-        backbone=backbone or "ViT-B-16",
-        pretrained=pretrained if pretrained is not None else (None if backbone == "lite" else "openai"),
+        **_backbone_choice(backbone, pretrained),
         classes=classes,
         templates=templates,
         base_to_new=base_to_new,
