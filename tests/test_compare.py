@@ -125,17 +125,22 @@ def test_recommendation_follows_validation_never_test(dataset):
     assert blind.recommended is None and "no method has a validation accuracy" in blind.reason
 
 
-def test_a_failing_method_is_a_failed_row_while_the_others_finish(dataset, tiny_backbone, monkeypatch):
+def make_fit_fail(monkeypatch, method: str, error: Exception) -> None:
+    """compare's fit raises `error` for `method` and fits every other method for real."""
     import adaclip.adapter
 
     real_fit = adaclip.adapter.fit
 
-    def fit(data, method, **kwargs):
-        if method == "linear-probe":
-            raise RuntimeError("boom\nsecond line never shown")
-        return real_fit(data, method, **kwargs)
+    def fit(data, name, **kwargs):
+        if name == method:
+            raise error
+        return real_fit(data, name, **kwargs)
 
     monkeypatch.setattr(adaclip.adapter, "fit", fit)
+
+
+def test_a_failing_method_is_a_failed_row_while_the_others_finish(dataset, tiny_backbone, monkeypatch):
+    make_fit_fail(monkeypatch, "linear-probe", RuntimeError("boom\nsecond line never shown"))
     board = adaclip.compare(dataset, ["linear-probe", "zeroshot"], seeds=[1], backbone=tiny_backbone)
     failed = board.row("linear-probe")
     assert failed.runs == 0 and failed.failed == 1 and failed.accuracy is None
@@ -146,16 +151,7 @@ def test_a_failing_method_is_a_failed_row_while_the_others_finish(dataset, tiny_
 
 
 def test_cli_failed_row_in_table_and_json(dataset, monkeypatch):
-    import adaclip.adapter
-
-    real_fit = adaclip.adapter.fit
-
-    def fit(data, method, **kwargs):
-        if method == "linear-probe":
-            raise ValueError("cannot train here")
-        return real_fit(data, method, **kwargs)
-
-    monkeypatch.setattr(adaclip.adapter, "fit", fit)
+    make_fit_fail(monkeypatch, "linear-probe", ValueError("cannot train here"))
     args = ["compare", str(dataset), "-m", "zeroshot,linear-probe", "--seeds", "1", *TINY_ARGS]
     table = runner.invoke(app, args)
     assert table.exit_code == 0, table.output
