@@ -76,7 +76,7 @@ def method_spec(row: str) -> tuple[str, dict]:
 CACHE = Path.home() / ".cache" / "adaclip" / "bench" / "fashion-mnist"
 # Class folders in Fashion-MNIST label order, named as in sample_data (one source for both).
 FOLDERS = tuple(json.loads((ROOT / "sample_data" / "classes.json").read_text()))
-BASE, NEW = FOLDERS[:5], FOLDERS[5:]
+BASE = FOLDERS[:5]  # base-to-new trains on these; the other 5 are the new classes
 
 
 def prepare_dataset(root: Path = CACHE) -> Path:
@@ -98,23 +98,13 @@ def prepare_dataset(root: Path = CACHE) -> Path:
             Image.fromarray(image).save(root / folder / FOLDERS[label] / f"{index:05d}.png")
     names = json.loads((ROOT / "sample_data" / "classes.json").read_text())
     (root / "classes.json").write_text(json.dumps(names, indent=2))
-    for subset, subset_names in (("base", BASE), ("new", NEW)):
-        for split in ("train", "test"):
-            for name in subset_names:
-                link = root / f"{subset}_{split}" / name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.exists():
-                    link.symlink_to(root / split / name, target_is_directory=True)
-        names_file = root / f"{subset}_classes.json"
-        names_file.write_text(json.dumps({n: names[n] for n in subset_names}))
     done.write_text("ok\n")
     return root
 
 
 def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared, config: dict):
     """The compare engine for one (protocol, shots, row settings): test/ is the test set, validation is
-    the product's few-shot rule; base-to-new trains on BASE (in sorted folder order, as its folder would
-    list them)."""
+    the product's few-shot rule; base-to-new trains on BASE (in sorted folder order)."""
     from adaclip.comparison import Comparison, make_protocol
 
     split = make_protocol(

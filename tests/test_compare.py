@@ -389,8 +389,8 @@ def test_frozen_tower_methods_share_one_encoding_of_the_test_images(dataset, tin
 
 @pytest.mark.slow
 def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone, tmp_path, monkeypatch):
-    """The bench's base-to-new through compare: trained on the 5 base folders only (in the order its
-    base_train/ folder lists them), new and all scored for class-agnostic methods."""
+    """The bench's base-to-new through compare: trained on the 5 base folders only (in sorted folder
+    order), new and all scored for class-agnostic methods."""
     import random
 
     import benchmarks.accuracy as bench
