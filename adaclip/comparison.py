@@ -49,6 +49,7 @@ from .data import (
     check_val_split,
     files_digest,
     find_splits,
+    holdout_count,
     read_image_folder,
     split_training_pool,
     stratified_holdout,
@@ -236,9 +237,8 @@ def images_needed(shots: int | None, val_split: float | str, *, has_val: bool, c
 
 
 def _held_out(n: int) -> int:
-    """How many of a class's n images stratified_holdout(TEST_FRACTION) holds out."""
-    held = round(TEST_FRACTION * n)
-    return 1 if held == 0 and n >= 2 else held
+    """How many of a class's n images the test hold-out (stratified_holdout at TEST_FRACTION) takes."""
+    return holdout_count(n, TEST_FRACTION)
 
 
 def _check_enough_images(folder: ImageFolder, shots, val_split, *, has_val: bool, carved_test: bool) -> None:

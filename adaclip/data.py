@@ -376,6 +376,13 @@ def few_shot_sample(images: Sequence[LabelledImage], shots: int, seed: int, n_cl
     return sorted(chosen, key=lambda im: (im.label, str(im.path)))
 
 
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of a class's n images a `fraction` hold-out takes: round(fraction * n), at least 1 when
+    the class has 2+ images."""
+    held = round(fraction * n)
+    return 1 if fraction > 0 and held == 0 and n >= 2 else held
+
+
 def stratified_holdout(
     images: Sequence[LabelledImage], fraction: float, seed: int, n_classes: int
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
@@ -388,9 +395,7 @@ def stratified_holdout(
     held: list[LabelledImage] = []
     for group in groups:
         group = sorted(group, key=lambda im: str(im.path))
-        n_held = round(fraction * len(group))
-        if fraction > 0 and n_held == 0 and len(group) >= 2:
-            n_held = 1
+        n_held = holdout_count(len(group), fraction)
         held_set = set(rng.sample(range(len(group)), n_held)) if n_held else set()
         for i, image in enumerate(group):
             (held if i in held_set else keep).append(image)
