@@ -167,6 +167,13 @@ PretrainedOpt = typer.Option(
     "-p",
     help="open_clip pretrained tag, a local checkpoint file, or `none` (random weights); a revision for hf-hub:.",
 )
+# the training commands' (fit, compare) class-name and prompt options
+ClassNamesOpt = typer.Option(
+    None, "--classes", help="Class display names: one per line, JSON list, or JSON {folder: name}."
+)
+TemplatesOpt = typer.Option(
+    "default", "--templates", help="Prompt templates: default, ensemble, or a file (one per line, with {})."
+)
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Where pretrained weights are cached / looked up.")
@@ -249,14 +256,8 @@ def fit(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override the method's batch size."),
     lr: float | None = typer.Option(None, "--lr", help="Override the method's learning rate."),
     seed: int = typer.Option(0, "--seed", help="Fixes sampling, initialisation, augmentation and order."),
-    classes: Path | None = typer.Option(
-        None, "--classes", help="Class display names: one per line, JSON list, or JSON {folder: name}."
-    ),
-    templates: str = typer.Option(
-        "default",
-        "--templates",
-        help="Prompt templates: default, ensemble, or a file (one per line, with {}).",
-    ),
+    classes: Path | None = ClassNamesOpt,
+    templates: str = TemplatesOpt,
     val_split: str = typer.Option(
         "auto", "--val-split", help="Validation: auto, 0 (none), or a fraction held out per class."
     ),
@@ -757,12 +758,8 @@ def compare(
     ),
     backbone: str | None = BackboneOpt,
     pretrained: str | None = PretrainedOpt,
-    classes: Path | None = typer.Option(
-        None, "--classes", help="Class display names: one per line, JSON list, or JSON {folder: name}."
-    ),
-    templates: str = typer.Option(
-        "default", "--templates", help="Prompt templates: default, ensemble, or a file (one per line, with {})."
-    ),
+    classes: Path | None = ClassNamesOpt,
+    templates: str = TemplatesOpt,
     settings: list[str] = typer.Option(
         [], "--set", help="Setting of one method, METHOD.key=value (repeatable), e.g. --set rada.train.epochs=5."
     ),
