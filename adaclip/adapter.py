@@ -43,10 +43,11 @@ from .data import (
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError, arg
 from .files import check_output_path
-from .inference import encode_images, logits_in_batches, stream_predictions
+from .inference import encode_images_across, logits_in_batches, stream_predictions
 from .methods import make_method_config, method_config_class
 from .metrics import ClassificationReport, classification_report
 from .model import AdaptedCLIP
+from .sharding import active_context
 from .templates import resolve_templates
 from .training import CheckpointPolicy, EpochCallback, StepCallback, train
 from .ui import log
@@ -194,7 +195,8 @@ class Adapter:
 
     def _iter_predict(self, paths: Iterable[Path], top_k: int, batch_size: int) -> Iterator[Prediction]:
         transform = self.backbone.eval_transform()
-        for item in stream_predictions(self.model, paths, transform, batch_size=batch_size):
+        ctx = active_context(self.backbone.device)  # under torchrun: this process's share, all gathered
+        for item in stream_predictions(self.model, paths, transform, batch_size=batch_size, ctx=ctx):
             if item.probabilities is None:
                 yield Prediction(item.path, None, None, None, error=item.error)
             else:
@@ -290,13 +292,14 @@ class Adapter:
         folder = data if isinstance(data, ImageFolder) else prepare_eval_data(data, classes_file)
         label_map, class_names = self._align_classes(folder.folders, folder.class_names)
         with self.classes(class_names):
-            encoded = encode_images(
+            encoded = encode_images_across(
                 self.model,
                 folder.images,
                 self.backbone.eval_transform(),
                 batch_size=batch_size,
                 workers=workers,
                 description="evaluating",
+                ctx=active_context(self.backbone.device),
             )
             if len(encoded.labels) == 0:
                 raise InputError("no readable images to evaluate", path=folder.root)
@@ -559,6 +562,11 @@ def load(
     header = read_adapter_header(path)
     method_config_class(header.method)  # unknown method -> clear error before any heavy work
     config = make_method_config(header.method, header.method_config)
+    dist_ctx = context_from_env()
+    if dist_ctx.enabled:  # torchrun: one GPU per local rank; rank 0 reports for all (adaclip.sharding)
+        device = device_for_rank(dist_ctx, select_device(device))
+        if not dist_ctx.is_main:
+            log.configure(quiet=True)
     if backbone is None:
         source = weights_source(header, path, pretrained)
         backbone = create_backbone(

@@ -49,6 +49,14 @@ class DistContext:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather_object(self, value) -> list:
+        """Every rank's `value`, in rank order, on every rank (picklable objects; CPU tensors)."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

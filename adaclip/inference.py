@@ -6,6 +6,7 @@ Used by training (feature caches, validation), `predict`, `eval` and `tta`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import Batch, ImageDataset, LabelledImage, SkippedImage, StreamingImageDataset, make_loader
+from .distributed import SINGLE, DistContext
 from .model import AdaptedCLIP
 from .output import printable
 from .ui import log, progress
@@ -150,6 +152,43 @@ def _encode_images(
     return EncodedImages(torch.cat(feats), torch.cat(labels), torch.cat(indices), skipped)
 
 
+def encode_images_across(
+    model: AdaptedCLIP,
+    images: Sequence[LabelledImage] | Sequence[Path],
+    transform: Callable,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    description: str = "encoding",
+    ctx: DistContext = SINGLE,
+) -> EncodedImages:
+    """`encode_images` split across torchrun's processes (adaclip.sharding): each rank encodes its
+    batches, and every rank gets all features, in input order, as one process computes them."""
+    if not ctx.enabled:
+        return encode_images(model, images, transform, batch_size=batch_size, workers=workers, description=description)
+    from .sharding import owned_indices
+
+    mine = owned_indices(len(images), batch_size, ctx)
+    with log.warnings_as_detail():  # the skipped images of all ranks are reported once, below
+        local = encode_images(
+            model, [images[i] for i in mine], transform, batch_size=batch_size, workers=workers, description=description
+        )
+    positions = torch.tensor(mine, dtype=torch.long)
+    shipped = (
+        local.features.cpu(),
+        local.labels.cpu(),
+        positions[local.indices],
+        [SkippedImage(mine[s.index], s.path, s.reason) for s in local.skipped],
+    )
+    parts = ctx.all_gather_object(shipped)
+    indices = torch.cat([p[2] for p in parts])
+    order = indices.argsort()
+    skipped = sorted((s for p in parts for s in p[3]), key=lambda s: s.index)
+    report_skipped(skipped)
+    features = torch.cat([p[0] for p in parts])[order].to(model.backbone.device)
+    return EncodedImages(features, torch.cat([p[1] for p in parts])[order], indices[order], skipped)
+
+
 def report_skipped(skipped: Sequence[SkippedImage], limit: int = 5) -> None:
     """One warning per unreadable image for the first few, then a count."""
     for item in skipped[:limit]:
@@ -187,8 +226,20 @@ def stream_predictions(
     transform: Callable,
     *,
     batch_size: int = 64,
+    ctx: DistContext = SINGLE,
 ) -> Iterator[StreamedPrediction]:
-    """Probabilities per image, in input order, holding one batch in memory at a time."""
+    """Probabilities per image, in input order, holding one batch in memory at a time (under torchrun,
+    one batch per process: see adaclip.sharding; every rank yields every prediction)."""
+    if ctx.enabled:
+        from .sharding import map_in_order
+
+        def predict_part(part: list[tuple[int, Path]]) -> list[StreamedPrediction]:
+            local = stream_predictions(model, [path for _, path in part], transform, batch_size=len(part))
+            return [dataclasses.replace(p, index=part[p.index][0]) for p in local]
+
+        for results in map_in_order(paths, batch_size, predict_part, ctx):
+            yield from results
+        return
     model.eval()
     dataset = StreamingImageDataset(paths, transform)
     for batch in make_loader(dataset, batch_size=batch_size, workers=0):

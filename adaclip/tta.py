@@ -67,11 +67,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .adapter_file import created_at_now
 from .checks import MAX_SEED
 from .data import StreamingImageDataset, class_name_from_folder, list_images, make_loader, record_name
+from .distributed import SINGLE
 from .errors import InputError, UsageError
 from .images import IMAGE_EXTENSIONS, load_image
 from .methods import CosineHead, make_method_config, method_registry
 from .methods.rada import RationalMaskConfig, RationalMaskHead
 from .model import AdaptedCLIP
+from .sharding import active_context, map_in_order
 from .ui import log, progress
 
 if TYPE_CHECKING:
@@ -432,6 +434,7 @@ class TestTimeAdaptation:
     def __init__(self, adapter: Adapter, settings: TTASettings):
         self.source = adapter
         self.settings = settings
+        self.ctx = SINGLE  # run() joins torchrun's processes, if any
         self.n_images = 0
         self.skipped = 0
         self.seconds = 0.0
@@ -476,7 +479,9 @@ class TestTimeAdaptation:
     def run(self, images: list[Path], truth: list[int | None] | None = None, *, top_k: int = 5) -> Iterator[Prediction]:
         """Adapt on `images` and yield one Prediction per image (unreadable ones with `error`)."""
         started = time.perf_counter()
-        steps = {"episodic": self._episodic, "online": self._online, "tda": self._tda}[self.settings.mode](images)
+        self.ctx = active_context(self.model.backbone.device)
+        modes = {"episodic": self._episodic_across, "online": self._online, "tda": self._tda}
+        steps = modes[self.settings.mode](images)
         try:
             with progress(f"tta ({self.settings.mode})", total=len(images)) as advance:
                 for index, path, probs, before in steps:
@@ -536,6 +541,54 @@ class TestTimeAdaptation:
             self._reset()
             yield index, path, probs, before
 
+    def _episodic_across(self, images: list[Path]):
+        """Episodic TTA is per image (reset after each), so under torchrun rank r simply takes images
+        r, r+N, ... (a round of N images at a time, gathered in order; adaclip.sharding)."""
+        if not self.ctx.enabled:
+            yield from self._episodic(images)
+            return
+
+        def adapt_part(part: list[tuple[int, Path]]) -> list[tuple]:
+            return [(part[i][0], *rest) for i, *rest in self._episodic([path for _, path in part])]
+
+        for results in map_in_order(images, 1, adapt_part, self.ctx):
+            yield from results
+
+    def _encoded_batches(self, paths: list[Path]):
+        """(positions, paths, features, skipped) per batch of `batch_size` paths, in order. Under
+        torchrun each process encodes its batches of every round and every process gets all of them
+        (adaclip.sharding), so the steps that follow run on every rank as in one process."""
+        transform = self.model.backbone.eval_transform()
+
+        def encode(part: list[Path]) -> Iterator[tuple]:
+            dataset = StreamingImageDataset(part, transform)
+            for batch in make_loader(dataset, batch_size=self.settings.batch_size, workers=0):
+                features = None
+                if len(batch.labels):
+                    with torch.no_grad():
+                        features = self.model.image_features(batch.pixels)
+                yield batch.indices.tolist(), batch.paths, features, batch.skipped
+
+        if not self.ctx.enabled:
+            yield from encode(paths)
+            return
+
+        def encode_part(part: list[tuple[int, Path]]) -> list[tuple]:
+            (positions, names, features, skipped), *_ = encode([path for _, path in part])
+            return [
+                (
+                    [part[i][0] for i in positions],
+                    names,
+                    None if features is None else features.cpu(),
+                    [s._replace(index=part[s.index][0]) for s in skipped],
+                )
+            ]
+
+        device = self.model.backbone.device
+        for results in map_in_order(paths, self.settings.batch_size, encode_part, self.ctx):
+            for positions, names, features, skipped in results:
+                yield positions, names, None if features is None else features.to(device), skipped
+
     def _stream(self, images: list[Path], predict_batch):
         """Feed the images in a seeded random order (a folder sorted by class would otherwise arrive
         one class at a time), batch by batch, to `predict_batch(features) -> (probs, before)`; yield the
@@ -543,18 +596,15 @@ class TestTimeAdaptation:
         order = list(range(len(images)))
         if self.settings.shuffle:
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
-        dataset = StreamingImageDataset([images[i] for i in order], self.model.backbone.eval_transform())
         pending: dict[int, tuple] = {}
         next_index = 0
-        for batch in make_loader(dataset, batch_size=self.settings.batch_size, workers=0):
-            results = [(s.index, Path(s.path), None, s.reason) for s in batch.skipped]
-            if len(batch.labels):
-                with torch.no_grad():
-                    features = self.model.image_features(batch.pixels)
+        for positions, paths, features, skipped in self._encoded_batches([images[i] for i in order]):
+            results = [(s.index, Path(s.path), None, s.reason) for s in skipped]
+            if features is not None:
                 probs, before = predict_batch(features)
                 results += [
                     (index, Path(path), probs[row], before[row])
-                    for row, (index, path) in enumerate(zip(batch.indices.tolist(), batch.paths, strict=True))
+                    for row, (index, path) in enumerate(zip(positions, paths, strict=True))
                 ]
             for position, path, probs, before in results:
                 pending[order[position]] = (order[position], path, probs, before)
