@@ -407,6 +407,17 @@ def fit(
             stdout_console().print(key_value_table(shown.items(), title="adaclip fit"))
 
 
+def _only_rank_zero_writes() -> bool:
+    """Under torchrun (predict, eval, tta): True on rank 0; every other rank's stdout goes to /dev/null,
+    since each rank holds all results in input order (adaclip.sharding) and rank 0 writes them once."""
+    from .distributed import context_from_env
+
+    if context_from_env().is_main:
+        return True
+    _silence_stdout()
+    return False
+
+
 def _claimed_output(output: Path | None, *, force: bool, inputs: list[Path], lock: bool = True):
     """Check an output path before any work, then hold its lock while the command produces it (the
     shared check of every command that writes a file; no -o: nothing to check)."""
@@ -474,6 +485,7 @@ def predict(
         raise UsageError("--top-k must be at least 1")
     check_count(batch_size, "--batch-size")
     class_names = read_name_list(classes) if classes else None  # a bad class list fails before loading
+    _only_rank_zero_writes()
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     counts = {"ok": 0, "skipped": 0}
     predictions = adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size)
@@ -567,12 +579,15 @@ def evaluate(
     check_count(batch_size, "--batch-size")
     check_count(workers, "--workers", minimum=0, optional=True)
     folder = prepare_eval_data(data, classes)
+    main_rank = _only_rank_zero_writes()
     adapter = load(adapter_path, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
     started = time.perf_counter()
     report = adapter.evaluate(folder, batch_size=batch_size, workers=workers, keep_predictions=bool(predictions_file))
     seconds = time.perf_counter() - started
     document = {"adapter": str(adapter_path), "method": adapter.method, "data": str(data), **report.to_dict()}
     document["seconds"] = round(seconds, 2)
+    if not main_rank:
+        return
     if output is not None:
         with open(output, "w", encoding="utf-8") as handle:
             write_json(document, handle)
@@ -685,7 +700,8 @@ def tta(
         raise UsageError("--top-k must be at least 1")
     if labels and labels_csv:
         raise UsageError("give --labels or --labels-csv, not both")
-    with _claimed_output(output, force=force, inputs=[folder, adapter_path]):
+    main_rank = _only_rank_zero_writes()
+    with _claimed_output(output, force=force, inputs=[folder, adapter_path], lock=main_rank):
         tta_settings = make_tta_settings(
             **parse_settings(settings), mode=mode, steps=steps, views=views, lr=lr, batch_size=batch_size, seed=seed
         )
@@ -707,7 +723,7 @@ def tta(
         log.info(run.summary_line())
         if counts["ok"] == 0:
             raise UsageError("no readable images in the folder", path=folder)
-        if output is not None:
+        if output is not None and main_rank:
             path = run.adapted_adapter(adapter_path.name).save(output, force=force)
             log.info(f"wrote {path}")
 
