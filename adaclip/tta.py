@@ -68,7 +68,8 @@ from .adapter_file import created_at_now
 from .checks import MAX_SEED
 from .data import StreamingImageDataset, class_name_from_folder, list_images, make_loader, record_name
 from .errors import InputError, UsageError
-from .images import IMAGE_EXTENSIONS, load_image
+from .files import IMAGE_EXTENSIONS
+from .images import load_image
 from .methods import CosineHead, make_method_config, method_registry
 from .methods.rada import RationalMaskConfig, RationalMaskHead
 from .model import AdaptedCLIP
