@@ -55,11 +55,13 @@ from torch import nn
 from ..errors import UsageError
 from ..inject import Block, BlockSelection, ParallelBranchHook
 from ..tensor_ring import TensorRing, balanced_factors
-from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
+from .base import Component, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..model import StepContext
+    from .contexts import StepContext
 
 _ACTIVATIONS = {"identity": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 

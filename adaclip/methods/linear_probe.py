@@ -14,7 +14,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 
 class LinearProbeHead(Head):

@@ -59,8 +59,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adaring import AdaRingConfig
-from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
 from .full_finetune import FullFineTuneConfig
+from .registry import register_method
 
 # Score maps alive per image while a chunk runs forward and backward (two K x K score maps, their
 # softmaxes and gradients): the unit in which `memory_budget_mb` is spent.

@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from .base import BuildContext, FeatureSet, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import FeatureSet, Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 FINETUNE_EPOCHS = 20
 

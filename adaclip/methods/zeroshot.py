@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import BuildContext, MethodConfig, Parts, TrainConfig, register_method
+from .base import MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 
 @register_method
