@@ -134,7 +134,7 @@ class Adapter:
         """A new adapter whose file stores the merged form (e.g. AdaRing's per-layer matrices instead of
         tensor rings): larger, but predict never reconstructs. Predictions are unchanged."""
         config = self.model.config
-        if "merged" not in type(config).model_fields:
+        if not config.has_merged_form:
             raise UsageError(f"method {self.method!r} has no merged form", fix="export without --merged")
         if config.merged:
             return self

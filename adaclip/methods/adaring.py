@@ -106,6 +106,8 @@ class AdaRingSettings(BlockSelection):
 class AdaRingConfig(AdaRingSettings, MethodConfig):
     name: ClassVar[str] = "adaring"
     summary: ClassVar[str] = "cross-layer tensor-ring adapters in both encoders (ultra-light)"
+    has_merged_form: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "adaring+rada"
 
     # AdamW with one warm-up epoch and cosine decay (the few-shot adapter recipe of CLIP-Adapter / MMA);
     # lr 1e-2 chosen on a Fashion-MNIST validation split (docs/tuning.md: 2e-3 underfits in 10 epochs).

@@ -98,6 +98,18 @@ class MethodConfig(BaseModel):
     class_agnostic: ClassVar[bool] = True
     # True when every weight of the backbone trains (hours on a CPU): `compare` runs it only on request.
     tunes_whole_backbone: ClassVar[bool] = False
+    # True when the config has a `merged` setting: `export --merged` stores the precomputed form.
+    has_merged_form: ClassVar[bool] = False
+    # Test-time adaptation (adaclip.tta) adapts RAda's mask, which weighs image-class feature similarities.
+    # True when this method's head is RAda's mask: TTA adapts that mask.
+    has_mask: ClassVar[bool] = False
+    # True when a mask can weigh this method's scores: its head is CLIP's cosine similarity of image and
+    # class features (a fresh mask starts at identity) or the mask itself; False for heads with their own
+    # classifier weights.
+    can_hold_mask: ClassVar[bool] = True
+    # The registered method an adapter of this one becomes with RAda's mask (the file TTA writes; the
+    # method itself when `has_mask`); None when there is none.
+    masked_variant: ClassVar[str | None] = None
 
     train: TrainConfig = TrainConfig()
 

@@ -154,6 +154,7 @@ class FullFineTuneConfig(MethodConfig):
 
     name: ClassVar[str] = "full-ft"
     tunes_whole_backbone: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada-ft"
     summary: ClassVar[str] = "full fine-tuning of both towers, cosine head (baseline; large adapter files)"
 
     objective: Literal["ce", "contrastive"] = Field(

@@ -213,6 +213,8 @@ class RAdaConfig(MethodConfig):
 
     name: ClassVar[str] = "rada"
     summary: ClassVar[str] = "RAda: attention mask over the rational matrix, frozen encoders (class-agnostic)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada"
 
     mask: RationalMaskConfig = RationalMaskConfig()
     # Reference recipe: Adam, wd 5e-4, cosine, 1 warm-up epoch, 5 epochs, batch 4, lr 3.5e-3, Dassl's
@@ -243,6 +245,8 @@ class RAdaFTConfig(FullFineTuneConfig):
 
     name: ClassVar[str] = "rada-ft"
     summary: ClassVar[str] = "RAda-FT: mask + full fine-tuning of both towers, FLYP-style (our reconstruction)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada-ft"
 
     objective: Literal["ce", "contrastive"] = Field(
         "contrastive", description="contrastive: FLYP-style (adds text -> image); ce: cross-entropy only"
@@ -264,6 +268,8 @@ class AdaRingRAdaConfig(AdaRingConfig):
 
     name: ClassVar[str] = "adaring+rada"
     summary: ClassVar[str] = "AdaRing adapters in both encoders + RAda's mask (class-agnostic)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "adaring+rada"
 
     mask: RationalMaskConfig = RationalMaskConfig()
 

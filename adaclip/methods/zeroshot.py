@@ -15,6 +15,7 @@ class ZeroShotConfig(MethodConfig):
     name: ClassVar[str] = "zeroshot"
     summary: ClassVar[str] = "zero-shot CLIP: class prompts vs image features, nothing trained"
     trainable: ClassVar[bool] = False
+    masked_variant: ClassVar[str | None] = "rada"
 
     train: TrainConfig = TrainConfig(epochs=0)
 
