@@ -311,7 +311,7 @@ def fit(
 
         adaclip fit ./pets --method rada --backbone lite --set train.epochs=5 --format json
     """
-    from .adapter import fit as fit_adapter
+    from .api import fit as fit_adapter
     from .checkpoint import checkpoint_path_for
     from .distributed import context_from_env
     from .methods import deep_merge
@@ -466,7 +466,7 @@ def predict(
 
         find /data -name '*.jpg' | adaclip predict pets.adaclip - --format jsonl > labels.jsonl
     """
-    from .adapter import load
+    from .api import load
     from .data import iter_input_paths, read_name_list
 
     _check_format(fmt)
@@ -553,8 +553,8 @@ def evaluate(
 
         adaclip eval pets.adaclip ./pets --format csv --predictions per-image.jsonl
     """
-    from .adapter import load
     from .adapter_file import read_adapter_header
+    from .api import load
     from .data import prepare_eval_data
 
     _check_format(fmt, ("table", "json", "csv"))
@@ -677,8 +677,9 @@ def tta(
 
         adaclip tta zs.adaclip ./shifted --mode online --labels-csv shifted_labels.csv -o shifted.adaclip
     """
-    from .adapter import load
-    from .tta import TestTimeAdaptation, list_tta_images, make_tta_settings, output_method, resolve_labels
+    from .api import load
+    from .labels import resolve_labels
+    from .tta import TestTimeAdaptation, list_tta_images, make_tta_settings, output_method
 
     _check_format(fmt)
     if top_k < 1:
@@ -694,9 +695,11 @@ def tta(
         if output is not None:
             if tta_settings.mode == "tda":
                 raise UsageError("--mode tda keeps no adapter state to write", fix="drop -o")
-            output_method(adapter)  # refuse before adapting, not after
-        truth = resolve_labels(adapter, folder, images, "folders" if labels else labels_csv)
-        run = TestTimeAdaptation(adapter, tta_settings)
+            output_method(adapter.model)  # refuse before adapting, not after
+        truth = resolve_labels(
+            adapter.class_names, adapter.metadata.class_folders, folder, images, "folders" if labels else labels_csv
+        )
+        run = TestTimeAdaptation(adapter.model, tta_settings, source=adapter_path.name)
         counts = {"ok": 0, "skipped": 0}
         write_records(
             prediction_records(run.run(images, truth, top_k=top_k), fmt, counts),
@@ -708,7 +711,7 @@ def tta(
         if counts["ok"] == 0:
             raise UsageError("no readable images in the folder", path=folder)
         if output is not None:
-            path = run.adapted_adapter(adapter_path.name).save(output, force=force)
+            path = adapter.adapted(run.adapted_model(), run.record()).save(output, force=force)
             log.info(f"wrote {path}")
 
 
@@ -921,8 +924,8 @@ def report_command(
 
         adaclip report pets.adaclip ./pets -o pets.html --png
     """
-    from .adapter import load
     from .adapter_file import read_adapter_header
+    from .api import load
     from .data import prepare_eval_data
     from .report import adapter_only, evaluate_for_report, write_report
 
@@ -1058,7 +1061,7 @@ def export(
 
         adaclip export pets.adaclip --format onnx -o pets.onnx
     """
-    from .adapter import load
+    from .api import load
 
     if target not in EXPORT_FORMATS:
         raise UsageError(f"unknown --format {target!r}", fix=f"use one of: {', '.join(EXPORT_FORMATS)}")

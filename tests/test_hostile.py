@@ -60,12 +60,12 @@ def zs_file(dataset, tiny_backbone, tmp_path_factory) -> Path:
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if training starts: the checks under test must come first."""
-    import adaclip.adapter
+    import adaclip.api
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the bad input was refused")
 
-    monkeypatch.setattr(adaclip.adapter, "train", refuse)
+    monkeypatch.setattr(adaclip.api, "train", refuse)
 
 
 def _small_data(root: Path, per_class: int = 6) -> Path:

@@ -161,7 +161,7 @@ def test_methods_without_a_masked_variant_adapt_but_cannot_be_saved(dataset, tin
     result = lora.tta(shifted[0], mode="online", batch_size=8)
     assert result.n_images == 24 and result.adapter is None and result.record["source_method"] == "lora"
     with pytest.raises(UsageError, match="no registered method adds RAda's mask to 'lora'"):
-        output_method(lora)
+        output_method(lora.model)
 
 
 def test_labels_from_folders_and_bad_labels(rada_adapter, dataset, tmp_path):
