@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 from typer.testing import CliRunner
 
 from adaclip.cli import app
 
+from .cli_run import run_cli, start_cli
 from .conftest import TINY
 
 runner = CliRunner()
@@ -191,37 +190,11 @@ def test_debug_shows_traceback(capsys):
 
 @pytest.mark.slow
 def test_real_subprocess_round_trip(dataset, tmp_path):
-    env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
     out = tmp_path / "zs.adaclip"
-    fit = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaclip",
-            "fit",
-            str(dataset),
-            "-m",
-            "zeroshot",
-            "-o",
-            str(out),
-            "-f",
-            "json",
-            *TINY_ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    fit = run_cli("fit", dataset, "-m", "zeroshot", "-o", out, "-f", "json", *TINY_ARGS, timeout=300)
     assert fit.returncode == 0, fit.stderr
     assert json.loads(fit.stdout)["output"] == str(out)
-    bad = subprocess.run(
-        [sys.executable, "-m", "adaclip", "eval", str(out), str(tmp_path / "nowhere")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    bad = run_cli("eval", out, tmp_path / "nowhere", timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
 
@@ -230,11 +203,8 @@ def test_real_subprocess_round_trip(dataset, tmp_path):
 def test_closed_pipe_exits_quietly_with_0(probe_file, dataset):
     """`adaclip predict ... | head -1`: the reader leaves early; exit 0 with nothing on stderr but logs."""
     folder = str(dataset / "test")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "adaclip", "predict", str(probe_file), *[folder] * 6, "-f", "jsonl", "-q"]
-        + ["--batch-size", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    process = start_cli(
+        "predict", probe_file, *[folder] * 6, "-f", "jsonl", "-q", "--batch-size", "2", stdout=PIPE, stderr=PIPE
     )
     first = process.stdout.readline()
     process.stdout.close()
@@ -249,13 +219,7 @@ def test_predict_on_only_missing_paths_prints_no_empty_table(probe_file, tmp_pat
 
 
 def test_help_paragraphs_reflow_to_the_terminal(monkeypatch):
-    result = subprocess.run(
-        [sys.executable, "-m", "adaclip", "fit", "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        timeout=60,
-    )
+    result = run_cli("fit", "--help", env={"COLUMNS": "200"}, timeout=60)
     assert "a crash, the same command with --resume finishes" in result.stdout  # one line, not broken mid-sentence
 
 
