@@ -229,3 +229,28 @@ def test_summary_tables_round_for_people(probe_file):
     from adaclip.output import _summary_cell
 
     assert [_summary_cell(v).plain for v in (461.53, 2.0, 0.12345)] == ["461.53", "2", "0.1235"]
+
+
+def test_help_shows_placeholders_in_angle_brackets_literally():
+    """Help is markdown, where <class> reads as an HTML tag and vanished ("root//")."""
+    result = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert "root/<class>/<image>" in result.stdout and "(default: <folder>.<method>.adaclip)" in result.stdout
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert "(default: <adapter>.report.html)" in result.stdout
+
+
+def test_an_option_group_gives_every_command_that_names_it_its_options(probe_file, tmp_path):
+    """LoadOptions is declared once; predict, eval, tta and report all take its options, and a value
+    given on the command line reaches the load (a bad --precision is refused by it)."""
+    from typer.main import get_command
+
+    from adaclip.cli.options import LoadOptions
+
+    commands = get_command(app).commands
+    wanted = {"--pretrained", "--device", "--precision", "--cache-dir"}
+    assert len(LoadOptions.parameters()) == len(wanted)
+    for name in ("predict", "eval", "tta", "report"):
+        declared = {opt for param in commands[name].params for opt in param.opts}
+        assert wanted <= declared, name
+    result = cli("predict", str(probe_file), str(tmp_path), "--precision", "fp8")
+    assert result.exit_code == 2 and "fp8" in result.stderr
