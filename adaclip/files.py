@@ -9,6 +9,7 @@
   after training.
 - `claim_output`: an advisory lock beside the output, so that a second command writing the same file
   fails at its start instead of both training and one overwriting the other.
+- `checked_output`: both, as the commands use them for every file they write.
 - `atomic_write`: temp file + fsync + rename with the permissions a normal write would give; OS
   errors become one line naming the user's path.
 """
@@ -143,6 +144,29 @@ def check_output_path(
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+@contextlib.contextmanager
+def checked_output(
+    path: str | Path | None,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | Path] = (),
+    what: str = "output file",
+    option: str = "-o",
+    lock: bool = True,
+) -> Iterator[Path | None]:
+    """The check a command runs on each file it will write, before any work: `check_output_path`,
+    then, with `lock`, `claim_output` until the block ends. No path (the option not given): nothing."""
+    if path is None:
+        yield None
+        return
+    path = check_output_path(path, force=force, inputs=inputs, what=what, option=option)
+    if not lock:
+        yield path
+        return
+    with claim_output(path):
+        yield path
 
 
 @contextlib.contextmanager
