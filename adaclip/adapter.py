@@ -28,7 +28,7 @@ from .adapter_file import (
     read_adapter_header,
     write_adapter_file,
 )
-from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
+from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone
 from .checks import check_count, check_seed
 from .data import (
     ImageFolder,
@@ -40,6 +40,7 @@ from .data import (
     prepare_training_data,
     read_name_list,
 )
+from .device import select_device
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError, arg
 from .files import check_output_path

@@ -18,8 +18,9 @@ import torch
 
 from ..adapter import Adapter, Prediction, load, weights_source
 from ..adapter_file import SUFFIX, read_adapter_header
-from ..backbone import Backbone, BackboneIdentity
+from ..backbone import Backbone
 from ..errors import UsageError
+from ..identity import BackboneIdentity
 from ..methods import method_config_class
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
