@@ -42,13 +42,6 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def broadcast_object(self, value):
-        if not self.enabled:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapter_file import atomic_write
 from .errors import UsageError
-from .files import check_output_path
+from .files import atomic_write, check_output_path
 from .methods import CosineHead
 from .weights import HF_HUB_PREFIX
 
