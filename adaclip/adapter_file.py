@@ -27,8 +27,6 @@ from .errors import AdaclipError, AdapterFileError, InputError, UsageError
 from .files import NotRegularFileError, atomic_write, check_output_path, open_regular
 from .identity import BackboneIdentity, PreprocessConfig
 
-__all__ = ["atomic_write"]  # re-exported: checkpoints and other writers share it
-
 if TYPE_CHECKING:
     import torch
 

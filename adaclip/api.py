@@ -26,9 +26,10 @@ from .adapter_file import (
     read_adapter_file,
     read_adapter_header,
 )
-from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
+from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone
 from .checks import check_count, check_seed
 from .data import TrainingData, check_class_names, check_classes_readable, prepare_training_data, read_name_list
+from .device import select_device
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError, arg
 from .files import check_output_path

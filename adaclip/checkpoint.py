@@ -24,13 +24,13 @@ import torch
 
 from .adapter_file import (
     _read_raw_header,
-    atomic_write,
     check_finite,
     read_tensors,
     serialize_safetensors,
     tensor_digest,
 )
 from .errors import AdapterFileError, UsageError
+from .files import atomic_write
 
 CHECKPOINT_SUFFIX = ".ckpt"
 CHECKPOINT_FORMAT = "adaclip-checkpoint/2"  # /2: digests of the document and the tensors

@@ -51,6 +51,12 @@ class BackboneUnavailableError(AdaclipError):
     exit_code = 1
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (at most 300 characters), to quote inside a one-line error."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 class UnreadableImageError(Exception):
     """One image could not be decoded. Not user-facing on its own: callers skip and count it.
 

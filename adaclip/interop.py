@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapter_file import atomic_write
-from .backbone import HF_HUB_PREFIX
 from .errors import UsageError
-from .files import check_output_path
+from .files import atomic_write, check_output_path
 from .methods import CosineHead
+from .weights import HF_HUB_PREFIX
 
 if TYPE_CHECKING:
     from .adapter import Adapter

@@ -28,8 +28,9 @@ def tr_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Full tensor from TR cores [(R_0, n_1, R_1), (R_1, n_2, R_2), ..., (R_{N-1}, n_N, R_0)].
 
     The ring is cut in two halves, each merged into one core, and closed with a single matmul over
-    both bonds: cost ~ R^2 * prod(n), R times less than chaining all cores and taking a trace (and
-    plain matmuls beat torch.einsum on CPU here by 10x; see tests for the einsum reference).
+    both bonds: cost ~ R^2 * prod(n), R times less than chaining all cores and taking a trace. Plain
+    matmuls, not one torch.einsum over all cores (slower on CPU: docs/benchmarks.md; the tests keep the
+    einsum as the reference).
     """
     if not cores:
         raise ValueError("need at least one core")

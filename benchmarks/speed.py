@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from adaclip.backbone import select_device
+    from adaclip.device import select_device
     from adaclip.errors import AdaclipError, use_cli_names
     from adaclip.methods import list_methods
 

@@ -104,9 +104,9 @@ def meta_backbone(name: str):
     random init (ViT-B-16 would take seconds and ~600 MB), for tests that only count parameters."""
     import open_clip
 
-    from adaclip.backbone import _wrap
+    from adaclip.backbone.openclip import wrap_model
 
     with torch.device("meta"):
         model = open_clip.create_model(name, pretrained=None, device="meta")
     model.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))  # the Backbone reads it as a number
-    return _wrap(model, open_clip.get_tokenizer(name), name, "none", None, None, torch.device("meta"), "fp32")
+    return wrap_model(model, open_clip.get_tokenizer(name), name, "none", None, None, torch.device("meta"), "fp32")

@@ -16,8 +16,8 @@ from adaclip.adapter_file import (
     read_adapter_header,
     write_adapter_file,
 )
-from adaclip.backbone import BackboneIdentity, PreprocessConfig
 from adaclip.errors import AdapterFileError, UsageError
+from adaclip.identity import BackboneIdentity, PreprocessConfig
 
 
 def metadata(**changes) -> AdapterMetadata:

@@ -6,14 +6,11 @@ import time
 import pytest
 import torch
 
-from adaclip.backbone import (
-    create_backbone,
-    host_reachable,
-    image_transform,
-    resolve_precision,
-    select_device,
-)
+from adaclip.backbone import create_backbone
+from adaclip.device import resolve_precision, select_device
 from adaclip.errors import BackboneUnavailableError, UsageError, arg
+from adaclip.transforms import image_transform
+from adaclip.weights import host_reachable
 
 from .conftest import TINY
 

@@ -67,7 +67,8 @@ def hf_backbone():
     from open_clip.hf_model import HFTextEncoder
     from transformers import BertConfig
 
-    from adaclip.backbone import Backbone, BackboneIdentity, PreprocessConfig
+    from adaclip.backbone import Backbone
+    from adaclip.identity import BackboneIdentity, PreprocessConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

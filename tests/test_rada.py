@@ -186,7 +186,9 @@ def test_fitted_mask_beats_zero_shot(dataset, tiny_backbone):
     zero_shot = adaclip.fit(dataset, method="zeroshot", backbone=tiny_backbone).evaluate(dataset).accuracy
     adapter = adaclip.fit(dataset, method="rada", backbone=tiny_backbone, lr=1e-2, seed=0)
     accuracy = adapter.evaluate(dataset).accuracy
-    # measured: zero-shot 0.25 (chance), rada 0.875 (seeds 0-2: 0.875, 0.875, 0.792)
+    # measured (2026-12-07, 24 test images: one image is 0.042): zero-shot 0.25 (chance; 0.35 leaves 2 images
+    # of margin), rada 0.875 (seeds 0-2: 0.875, 0.875, 0.792); 0.65 is 5 images below seed 0 and 3 below
+    # the worst seed, and the gain of 0.625 over zero-shot is about twice the 0.3 asked for
     assert zero_shot <= 0.35 and accuracy >= 0.65 and accuracy >= zero_shot + 0.3
     history = adapter.metadata.training.history
     assert history[-1]["loss"] < history[0]["loss"]

@@ -61,7 +61,7 @@ def test_resume_after_interrupt_gives_the_uninterrupted_adapter(dataset, tiny_ba
 
 def test_resume_mid_epoch_from_step_checkpoint(dataset, tiny_backbone, tmp_path, monkeypatch):
     """Interrupted right after a mid-epoch checkpoint: resuming skips exactly the batches already done."""
-    import adaclip.training as training
+    import adaclip.training.checkpointing as training
 
     common = dict(method="linear-probe", backbone=tiny_backbone, epochs=2, lr=1e-2, seed=1, batch_size=8, val_split=0)
     reference = adaclip.fit(dataset, **common)

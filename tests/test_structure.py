@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "adaclip.ui",
             "adaclip.templates",
             "adaclip.distributed",
+            "adaclip.device",
             "adaclip.sharding",
             "adaclip.inject",
         ],
@@ -49,7 +50,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     (
         "inputs: image folders, checkpoints, backbones",
-        ["adaclip.data", "adaclip.checkpoint", "adaclip.backbone", "adaclip.lite"],
+        [
+            "adaclip.data",
+            "adaclip.checkpoint",
+            "adaclip.weights",
+            "adaclip.transforms",
+            "adaclip.backbone",
+            "adaclip.lite",
+        ],
     ),
     ("methods: configs, parts and the registry", ["adaclip.methods"]),
     ("the model: backbone + a method's parts", ["adaclip.model"]),

@@ -21,24 +21,13 @@ adaclip's choices (each a setting of `RationalMaskConfig` or the training recipe
   - `softmax="row"` offers the ordinary attention softmax over keys as an alternative to "joint";
   - `alpha` defaults to 0.1, not the reference command line's 0.0; the learning rate to 5e-3 (AdamW,
     weight decay 5e-4, batch 32, 10 epochs, 1 warm-up epoch, cosine), chosen with the lite backbone on a
-    Fashion-MNIST validation split (0.669 / 0.707 / 0.696 at 2e-3 / 5e-3 / 1e-2; alpha 0.03 / 0.1 / 0.3
-    at 1e-2: 0.701 / 0.696 / 0.681; docs/tuning.md). alpha was first studied on synthetic CLIP-scale
-    features (D = 512, s = 100, 20 base + 20 new classes, 2 seeds; `python tools/rada_study.py`):
-      * a task with nothing to learn (4 shots, noisy features; zero-shot base 0.705): alpha 0 overfits
-        the mask far below zero-shot (base 0.583 at lr 2e-3, 0.513 at lr 3.5e-3); alpha 0.1 stays near it
-        (0.648 / 0.660); alpha 0.3 closer still (0.670);
-      * a task with a class-agnostic nuisance the mask should learn to suppress (16 shots; zero-shot
-        0.388): alpha 0.03 / 0.1 / 0.3 reach harmonic mean 0.973 / 0.957 / 0.925 at lr 2e-3;
-    so alpha 0.1 gives up little where the mask has something to learn and guards where it has not.
-    With real data, tune alpha on a validation split (`--set mask.alpha=...`);
+    Fashion-MNIST validation split (docs/tuning.md). alpha was first studied on synthetic CLIP-scale
+    features (`python tools/rada_study.py`; results in docs/tuning.md): it gives up little where the mask
+    has something to learn and guards where it has not. With real data, tune alpha on a validation split
+    (`--set mask.alpha=...`);
   - the batch is streamed in chunks sized from `memory_budget_mb` (default 1024 MB of attention maps per
     chunk), with activation checkpointing per chunk while training, so memory grows with the chunk, not
-    the batch. Measured with `tools/rada_study.py memory` on a 2-core CPU (torch 2.14), K = 1000 classes,
-    D = 512, a batch of 32, forward + backward: peak RSS 1.84-1.98 GB at the default budget (chunks of 5
-    images, 5 runs), 1.63-1.67 GB at 256 MB (chunks of 1), 5.25 GB unchunked; the process holds 0.70 GB
-    before the forward pass, and forward + backward took 28-45 s on a shared machine either way. (glibc
-    keeps freed 32 MB maps in its heap, which is why chunks of 1 save less than the maps alone suggest;
-    the maps themselves need about 140 MB per image.)
+    the batch (peak memory measured with `tools/rada_study.py memory`: docs/benchmarks.md);
   - logits are computed as s * f.h + s * sum_D((M - 1) * R), which equals s * sum_D(M * R) but makes the
     untrained mask reproduce zero-shot logits bit for bit.
 

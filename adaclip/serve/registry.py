@@ -19,8 +19,9 @@ import torch
 from ..adapter import Adapter
 from ..adapter_file import SUFFIX, read_adapter_header
 from ..api import load, weights_source
-from ..backbone import Backbone, BackboneIdentity
+from ..backbone import Backbone
 from ..errors import UsageError
+from ..identity import BackboneIdentity
 from ..methods import method_config_class
 from ..predictions import Prediction
 
