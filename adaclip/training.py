@@ -28,6 +28,7 @@ from .checkpoint import TrainingPosition, checkpoint_does_not_fit, load_checkpoi
 from .data import ImageDataset, LabelledImage, SkippedImage, TrainingData, make_loader
 from .distributed import SINGLE, DistContext, shard_of_batch
 from .errors import AdaclipError
+from .feature_store import ReferenceStore
 from .inference import EncodedImages, encode_images, logits_in_batches, report_skipped
 from .methods import FeatureSet, TrainConfig
 from .model import AdaptedCLIP
@@ -243,7 +244,8 @@ def train(
         resumed = True
         log.info(f"resuming from {checkpoint.path} at epoch {position.epoch + 1}, step {position.step_in_epoch}")
 
-    references = ReferenceViews(model, data.train, cfg, workers) if ReferenceViews.wanted(model) else None
+    wanted = ReferenceViews.wanted(model)
+    references = ReferenceViews(model, data.train, cfg, workers, seed, dist_ctx.world) if wanted else None
     step_module: nn.Module = _StepModule(model)
     if dist_ctx.enabled:
         device_ids = [backbone.device.index] if backbone.device.type == "cuda" else None
@@ -347,6 +349,8 @@ def train(
             ) from None
         raise TrainingInterrupted(f"interrupted at {where}; nothing was saved") from None
 
+    if references is not None:
+        references.flush()
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
     check_finite(
@@ -479,13 +483,16 @@ class ReferenceViews:
     and lets every step recompute; 'unaugmented' is the old reference (un-augmented image, one pass up
     front), which does not match the augmented crop."""
 
-    def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
+    def __init__(
+        self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers, seed: int = 0, world: int = 1
+    ):
         self.mode = cfg.reference_features
         self.views = cfg.cache_views if cfg.augment else 1
         n, dim, device = len(images), model.backbone.embed_dim, model.backbone.device
         self._unaugmented: torch.Tensor | None = None
         self._table: torch.Tensor | None = None
         self._filled: torch.Tensor | None = None
+        self._stored: ReferenceStore | None = None
         if self.mode == "unaugmented":
             with model.components_disabled():
                 encoded = encode_images(
@@ -495,6 +502,11 @@ class ReferenceViews:
         elif self.mode == "views":
             self._table = torch.zeros(self.views, n, dim, device=device)
             self._filled = torch.zeros(self.views, n, dtype=torch.bool)
+            backbone = model.backbone
+            crops = backbone.train_transform(cfg.min_crop_scale) if cfg.augment else backbone.eval_transform()
+            run = f"seed {seed}, batch {cfg.batch_size}, {world} process(es)"
+            self._stored = ReferenceStore(model, images, crops, seed if cfg.augment else None, self.views, run)
+            self._stored.prefill(self._table, self._filled)  # crops an earlier run computed (feature cache)
 
     @classmethod
     def wanted(cls, model: AdaptedCLIP) -> bool:
@@ -521,6 +533,12 @@ class ReferenceViews:
         view = self.crop_epoch(epoch)
         self._table[view, indices.to(self._table.device)] = features.detach().to(self._table.dtype)
         self._filled[view, indices.cpu()] = True
+        self._stored.keep(view, indices, features)
+
+    def flush(self) -> None:
+        """Write the crops' features computed so far to the feature cache."""
+        if self._stored is not None:
+            self._stored.flush()
 
 
 def _epoch_batches(
