@@ -153,8 +153,10 @@ def backbone_key(description: dict[str, Any]) -> str:
 
 
 def preprocessing_key(transform: Callable, preprocess) -> str:
-    """torchvision transforms print their parameters, so equal pipelines give equal keys."""
-    return _digest(repr(transform) + "\0" + preprocess.model_dump_json()).hex()
+    """torchvision transforms print their parameters, so equal pipelines give equal keys; decoding and
+    resizing code (Pillow, torchvision) can change pixels between versions."""
+    versions = f"{_package_version('pillow')} {_package_version('torchvision')}"
+    return _digest(repr(transform) + "\0" + preprocess.model_dump_json() + "\0" + versions).hex()
 
 
 def entry_key(preprocessing: str, view: int | None, content_sha256: str) -> bytes:
