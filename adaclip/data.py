@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .checks import class_name_problem
 from .errors import InputError, UnreadableImageError
-from .files import read_text_file
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file, load_image
+from .files import IMAGE_EXTENSIONS, is_image_file, read_text_file
+from .images import DEFAULT_MAX_PIXELS, load_image
 
 SPLIT_NAMES = ("train", "val", "test")
 
