@@ -37,12 +37,14 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .data import LabelledImage, sample_seed
 from .ui import log
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are made, so `adaclip cache info|clear` start without it.
 
 ENV = "ADACLIP_CACHE"
 OFF = "off"
@@ -108,6 +110,8 @@ def using(value: str | os.PathLike | None) -> Iterator[FeatureStore | None]:
 
 def backbone_description(backbone) -> dict[str, Any]:
     """Everything about a backbone that decides its image features (JSON-able)."""
+    import torch
+
     from ._version import __version__
 
     identity = backbone.identity
@@ -190,8 +194,9 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-def _path_of(image: LabelledImage | os.PathLike) -> Path:
-    return image.path if isinstance(image, LabelledImage) else Path(image)
+def _path_of(image) -> Path:
+    """A LabelledImage's path, or the path itself."""
+    return Path(getattr(image, "path", image))
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -235,6 +240,8 @@ class Shelf:
 
     def get(self, keys: Sequence[bytes | None]) -> dict[int, torch.Tensor]:
         """Position -> stored (D,) features for the keys found (None keys never are)."""
+        import torch
+
         self.refresh()
         by_shard: dict[Path, list[tuple[int, int]]] = {}
         for position, key in enumerate(keys):
@@ -263,6 +270,7 @@ class Shelf:
         skipped = [key for key in dict.fromkeys(skipped) if key not in self._index]
         if not keep and not skipped:
             return
+        import torch
         from safetensors.torch import save_file
 
         rows = torch.tensor(keep, dtype=torch.long)
@@ -300,6 +308,7 @@ class Shelf:
 
     def _read(self, path: Path, name: str) -> torch.Tensor | None:
         """One tensor of a shard, checked; a shard that fails is removed (with a warning) and forgotten."""
+        import torch
         from safetensors import safe_open
 
         try:
@@ -337,6 +346,8 @@ class Shelf:
 
 
 def _key_table(keys: Sequence[bytes]) -> torch.Tensor:
+    import torch
+
     return torch.tensor([list(key) for key in keys], dtype=torch.uint8).reshape(len(keys), _KEY_BYTES)
 
 
@@ -407,6 +418,23 @@ class FeatureStore:
         }
 
 
+def cache_info(value: str | os.PathLike | None = None) -> dict[str, Any]:
+    """`adaclip cache info`: the cache at `value` (else $ADACLIP_CACHE, else the default); off: empty."""
+    root = resolve_root(value)
+    if root is None:
+        return {"location": None, "entries": 0, "bytes": 0, "backbones": []}
+    return FeatureStore(root).info()
+
+
+def clear_cache(value: str | os.PathLike | None = None, backbone: str | None = None) -> dict[str, Any]:
+    """`adaclip cache clear`: remove every backbone's features, or those of `backbone`."""
+    root = resolve_root(value)
+    if root is None:
+        return {"location": None, "removed_entries": 0, "removed_bytes": 0, "backbones": []}
+    _stores.pop(root, None)  # this process forgets what it had indexed there
+    return FeatureStore(root).clear(backbone)
+
+
 def _read_description(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / BACKBONE_FILE).read_text())
@@ -424,13 +452,14 @@ def _label(described: dict[str, Any] | None, key: str) -> str:
 
 
 def _shard_rows(path: Path) -> int:
-    from safetensors import safe_open
-
+    """Entries in a shard, from its safetensors header (8-byte length + JSON): no tensor is read."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return int(handle.get_slice("keys").get_shape()[0])
-    except Exception:  # a corrupt shard counts as empty here; encoding removes it when it meets it
-        return 0
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(size, 1 << 20)))
+        return int(header["keys"]["shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 0  # a corrupt shard counts as empty here; encoding removes it when it meets it
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -458,6 +487,8 @@ def _image_keys(model, images: Sequence, transform: Callable, seed: int | None, 
     """(shelf, key of each image's view) for encoding `images` with `transform`, or None when the
     features cannot be cached: no cache, an adapted image tower (unless the caller runs it `plain`), or
     a transform whose output is not fixed. A file that cannot be read has no key."""
+    from .data import sample_seed
+
     store = active_store()
     if store is None or not images or not (plain or plain_image_tower(model)):
         return None
@@ -502,6 +533,8 @@ class Lookup:
         """Store the re-encoded batches and return every readable image's (features, positions) in
         input order. `encoded` and `rechecked`: (features, positions) the encoder returned for
         `missing` and `recheck`."""
+        import torch
+
         features, indices = encoded
         if self.missing:
             fresh = {int(i): row for row, i in enumerate(indices.tolist())}
@@ -583,6 +616,8 @@ class ReferenceStore:
             self.flush(view)
 
     def flush(self, view: int | None = None) -> None:
+        import torch
+
         for index in [view] if view is not None else list(self._pending):
             pending = self._pending.pop(index, {})
             shelf, keys = self._keyed[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -207,9 +208,7 @@ def test_seeded_crops_round_trip_and_keep_their_positions(few_images, zero_shot,
     assert not torch.equal(other.features, plain.features)  # another view: other crops
 
 
-def test_unreadable_images_are_skipped_every_time_without_encoding_again(
-    tmp_path, zero_shot, store_dir, monkeypatch
-):
+def test_unreadable_images_are_skipped_every_time_without_encoding_again(tmp_path, zero_shot, store_dir, monkeypatch):
     from adaclip import inference
 
     make_folder(tmp_path / "d", 2, seed=4)
@@ -363,3 +362,56 @@ def test_info_and_clear(few_images, zero_shot, tiny_backbone, store_dir):
     cleared = store.clear(backbone=TINY)
     assert cleared["removed_entries"] == 12 and cleared["backbones"] == [entry["backbone"]]
     assert store.info()["entries"] == 0
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from adaclip.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cache_info_and_clear_commands(few_images, zero_shot, tmp_path):
+    root = tmp_path / "features"
+    empty = _cli("cache", "info", "--feature-cache", str(root), "--format", "json")
+    assert empty.exit_code == 0, empty.output
+    assert json.loads(empty.stdout) == {"location": str(root), "entries": 0, "bytes": 0, "backbones": []}
+    with feature_store.using(root):
+        encode_images(zero_shot, _images(few_images), zero_shot.backbone.eval_transform())
+    shown = _cli("cache", "info", "--feature-cache", str(root), "--format", "json")
+    info = json.loads(shown.stdout)
+    assert info["entries"] == 12 and info["backbones"][0]["backbone"].startswith(f"{TINY}/none")
+    table = _cli("cache", "info", "--feature-cache", str(root))
+    assert table.exit_code == 0 and str(root) in table.stdout and TINY in table.stdout and "12" in table.stdout
+    kept = _cli("cache", "clear", "--feature-cache", str(root), "--backbone", "ViT-B-16", "--format", "json")
+    assert json.loads(kept.stdout)["removed_entries"] == 0
+    assert json.loads(_cli("cache", "info", "--feature-cache", str(root), "--format", "json").stdout)["entries"] == 12
+    cleared = _cli("cache", "clear", "--feature-cache", str(root), "--backbone", TINY, "--format", "json")
+    assert json.loads(cleared.stdout)["removed_entries"] == 12
+    assert json.loads(_cli("cache", "info", "--feature-cache", str(root), "--format", "json").stdout)["entries"] == 0
+
+
+def test_cache_commands_when_the_cache_is_off():
+    shown = _cli("cache", "info", "--feature-cache", "off", "--format", "json")
+    assert shown.exit_code == 0
+    assert json.loads(shown.stdout) == {"location": None, "entries": 0, "bytes": 0, "backbones": []}
+    cleared = _cli("cache", "clear", "--feature-cache", "off")
+    assert cleared.exit_code == 0
+
+
+@pytest.mark.slow
+def test_fit_feature_cache_option_fills_the_folder_and_off_leaves_none(dataset, tmp_path):
+    args = ["fit", str(dataset / "train"), "--method", "linear-probe", "--backbone", TINY, "--pretrained", "none"]
+    args += ["--device", "cpu", "--epochs", "1"]
+    used = _cli(*args, "-o", str(tmp_path / "a.adaclip"), "--feature-cache", str(tmp_path / "features"))
+    assert used.exit_code == 0, used.output
+    assert list((tmp_path / "features").rglob("*.safetensors"))
+    session = Path(os.environ[feature_store.ENV])
+    before = sorted(session.rglob("*.safetensors"))
+    off = _cli(*args, "-o", str(tmp_path / "b.adaclip"), "--feature-cache", "off")
+    assert off.exit_code == 0, off.output
+    assert sorted(session.rglob("*.safetensors")) == before

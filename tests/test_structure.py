@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     (
         "inputs: image folders, checkpoints, backbones",
-        ["adaclip.data", "adaclip.checkpoint", "adaclip.backbone", "adaclip.lite"],
+        ["adaclip.data", "adaclip.checkpoint", "adaclip.backbone", "adaclip.lite", "adaclip.feature_store"],
     ),
     ("methods: configs, parts and the registry", ["adaclip.methods"]),
     ("the model: backbone + a method's parts", ["adaclip.model"]),
