@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import feature_store
 from .data import Batch, ImageDataset, LabelledImage, SkippedImage, StreamingImageDataset, make_loader
 from .distributed import SINGLE, DistContext
 from .model import AdaptedCLIP
@@ -40,14 +41,31 @@ def iterate_batches(
     seed: int | None = None,
     epoch: int = 0,
     pin_memory: bool = False,
+    positions: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
-    """Batches in input order; with `seed`, random transforms are drawn per (seed, epoch, image)."""
+    """Batches in input order; with `seed`, random transforms are drawn per (seed, epoch, image).
+    `positions`: only the images at these positions (batch indices and crops stay those of the full list)."""
     if images and isinstance(images[0], LabelledImage):
         dataset = ImageDataset.from_labelled(images, transform, seed=seed)  # type: ignore[arg-type]
     else:
         dataset = ImageDataset(list(images), None, transform, seed=seed)  # type: ignore[arg-type]
     dataset.epoch = epoch
-    yield from make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+    subset = dataset if positions is None else _At(dataset, positions)
+    yield from make_loader(subset, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+
+
+class _At(torch.utils.data.Dataset):
+    """Some items of a dataset, which keep their positions in it."""
+
+    def __init__(self, dataset: ImageDataset, positions: Sequence[int]):
+        self.dataset = dataset
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.positions[index]]
 
 
 class SharedEncodings:
@@ -110,7 +128,6 @@ def encode_images(
     return encoded
 
 
-@torch.no_grad()
 def _encode_images(
     model: AdaptedCLIP,
     images: Sequence[LabelledImage] | Sequence[Path],
@@ -121,11 +138,42 @@ def _encode_images(
     seed: int | None,
     epoch: int,
 ) -> EncodedImages:
+    """Through the feature cache (adaclip.feature_store) when the features are the frozen tower's."""
+    cached = feature_store.lookup(model, images, transform, seed, epoch, batch_size)
+    if cached is None:
+        return _run_encoder(model, images, transform, batch_size, workers, description, seed, epoch)
+
+    def run(positions: list[int]) -> EncodedImages:
+        if not positions:
+            none = torch.empty(0, dtype=torch.long)
+            return EncodedImages(torch.empty(0, model.backbone.embed_dim, device=model.backbone.device), none, none)
+        subset = None if len(positions) == len(images) else positions
+        return _run_encoder(model, images, transform, batch_size, workers, description, seed, epoch, subset)
+
+    encoded, rechecked = run(cached.missing), run(cached.recheck)
+    features, indices = cached.complete((encoded.features, encoded.indices), (rechecked.features, rechecked.indices))
+    labels = torch.tensor([im.label if isinstance(im, LabelledImage) else -1 for im in images], dtype=torch.long)
+    skipped = sorted(encoded.skipped + rechecked.skipped, key=lambda item: item.index)
+    return EncodedImages(features, labels[indices], indices, skipped)
+
+
+@torch.no_grad()
+def _run_encoder(
+    model: AdaptedCLIP,
+    images: Sequence[LabelledImage] | Sequence[Path],
+    transform: Callable,
+    batch_size: int,
+    workers: int | None,
+    description: str,
+    seed: int | None,
+    epoch: int,
+    positions: Sequence[int] | None = None,
+) -> EncodedImages:
     was_training = model.training
     model.eval()
     feats, labels, indices, skipped = [], [], [], []
     try:
-        with progress(description, total=len(images)) as advance:
+        with progress(description, total=len(images) if positions is None else len(positions)) as advance:
             batches = iterate_batches(
                 images,
                 transform,
@@ -134,6 +182,7 @@ def _encode_images(
                 seed=seed,
                 epoch=epoch,
                 pin_memory=model.backbone.device.type == "cuda",
+                positions=positions,
             )
             for batch in batches:
                 skipped.extend(batch.skipped)

@@ -258,3 +258,41 @@ def leaderboard_rows(board) -> Iterator[dict[str, Any]]:
             "file": size(row.adapter_bytes),
             "runs": f"{row.runs}/{row.runs + row.failed}",
         }
+
+
+# ------------------------------------------------------------------------------ the feature cache
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def write_cache_info(info: dict[str, Any], fmt: str) -> None:
+    """`adaclip cache info`: one row per backbone and a total (JSON: the whole record, with each
+    backbone's description)."""
+    if fmt == "json":
+        write_json(info)
+        return
+    if info["location"] is None:
+        log.info("the feature cache is off (--feature-cache off or ADACLIP_CACHE=off)")
+    rows = [
+        {"backbone": b["backbone"], "entries": f"{b['entries']:,}", "size": _size(b["bytes"]), "folder": b["key"]}
+        for b in info["backbones"]
+    ]
+    rows.append({"backbone": "total", "entries": f"{info['entries']:,}", "size": _size(info["bytes"]), "folder": ""})
+    write_records(rows, "table", ["backbone", "entries", "size", "folder"], title=f"feature cache: {info['location']}")
+
+
+def write_cache_cleared(cleared: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        write_json(cleared)
+        return
+    which = ", ".join(cleared["backbones"]) or "nothing"
+    stdout_console().print(
+        f"removed {cleared['removed_entries']:,} entries ({_size(cleared['removed_bytes'])}) "
+        f"from {cleared['location']}: {which}"
+    )

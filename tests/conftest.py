@@ -4,8 +4,11 @@ synthetic image folders whose classes a model can actually learn."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,10 @@ TESTS = Path(__file__).parent
 os.environ["ADACLIP_MODEL_CONFIGS"] = str(TESTS / "model_configs")
 os.environ.setdefault("ADACLIP_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for a model hub
+# The feature cache is on, as for users, but in a folder of this session's own: never the user's cache,
+# and every session starts cold.
+os.environ["ADACLIP_CACHE"] = tempfile.mkdtemp(prefix="adaclip-test-features-")
+atexit.register(shutil.rmtree, os.environ["ADACLIP_CACHE"], ignore_errors=True)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402

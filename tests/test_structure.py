@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "adaclip.transforms",
             "adaclip.backbone",
             "adaclip.lite",
+            "adaclip.feature_store",
         ],
     ),
     ("methods: configs, parts and the registry", ["adaclip.methods"]),

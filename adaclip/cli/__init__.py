@@ -8,12 +8,13 @@ instead.
 Layout: `base` (the app, the `command` decorator, the entry point), `options` (options shared by
 several commands, as option groups), and one module per family of commands: `train` (fit, compare),
 `predict` (predict, tta), `evaluate` (eval, report), `export`, `serve`, `about` (info, methods,
-version). Importing them registers their commands; `adaclip --help` lists them in `COMMANDS` order.
+version), `cache` (cache info, cache clear). Importing them registers their commands; `adaclip --help`
+lists them in `COMMANDS` order.
 """
 
 from __future__ import annotations
 
-from . import about, evaluate, export, predict, serve, train  # noqa: F401 - importing registers the commands
+from . import about, cache, evaluate, export, predict, serve, train  # noqa: F401 - importing registers the commands
 from .base import _join_seed_values, app, main
 from .serve import serve_plan
 

@@ -59,14 +59,17 @@ def _global_options(
         set_progress(False)
 
 
-def command(*args: Any, heavy: bool | Callable[[dict[str, Any]], bool] = True, **kwargs: Any):
+def command(
+    *args: Any, heavy: bool | Callable[[dict[str, Any]], bool] = True, on: typer.Typer | None = None, **kwargs: Any
+):
     """`app.command` plus adaclip's error policy: an AdaclipError becomes one line on stderr and its
     exit code; anything unexpected becomes one line and exit 1; --debug re-raises for the traceback.
 
     A `heavy` command (or one whose options make `heavy(options)` true) imports torch, torchvision and
     open_clip before its body, while Ctrl-C still ends the process at once (see adaclip._interrupt);
     from its body on, Ctrl-C raises KeyboardInterrupt. A parameter annotated with an option group
-    (adaclip.cli.options) is shown as the group's options and arrives as one object."""
+    (adaclip.cli.options) is shown as the group's options and arrives as one object. `on`: a group of
+    commands (`adaclip cache ...`) instead of the top level."""
 
     def decorate(function):
         signature, groups = group_parameters(function)
@@ -106,7 +109,7 @@ def command(*args: Any, heavy: bool | Callable[[dict[str, Any]], bool] = True, *
 
         run.__signature__ = signature  # type: ignore[attr-defined]  # what typer reads: groups expanded
         run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
-        return app.command(*args, **kwargs)(run)
+        return (on or app).command(*args, **kwargs)(run)
 
     return decorate
 

@@ -16,6 +16,7 @@ from .options import (
     SUMMARY_FORMATS,
     BatchOpt,
     EvalClassesOpt,
+    FeatureCacheOptions,
     LoadOptions,
     WorkersOpt,
     check_format,
@@ -37,6 +38,7 @@ def evaluate(
     batch_size: int = BatchOpt,
     workers: int | None = WorkersOpt,
     loading: LoadOptions = GROUP,
+    features: FeatureCacheOptions = GROUP,
 ) -> None:
     """acc1, acc5, mean per-class recall and macro-F1 (CLIP_benchmark's key names in JSON), per-class
     scores and the confusion matrix on a labelled folder.
@@ -64,7 +66,10 @@ def evaluate(
     main_rank = only_rank_zero_writes()
     adapter = load(adapter_path, **loading.as_kwargs())
     started = time.perf_counter()
-    report = adapter.evaluate(folder, batch_size=batch_size, workers=workers, keep_predictions=bool(predictions_file))
+    with features.using():
+        report = adapter.evaluate(
+            folder, batch_size=batch_size, workers=workers, keep_predictions=bool(predictions_file)
+        )
     document = eval_document(adapter_path, adapter.method, data, report, time.perf_counter() - started)
     if not main_rank:
         return  # under torchrun every rank holds the report; rank 0 writes it

@@ -96,6 +96,13 @@ TemplatesOpt = typer.Option(
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 autocast on cuda, else fp32), fp32, bf16, fp16.")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Where pretrained weights are cached / looked up.")
+FeatureCacheOpt = typer.Option(
+    None,
+    "--feature-cache",
+    metavar="DIR|off",
+    help="Frozen image features kept for later runs: this folder, or off. Default $ADACLIP_CACHE, else the "
+    "user cache folder (not --cache-dir, which holds weights).",
+)
 BatchOpt = typer.Option(64, "--batch-size", help="Images per forward pass.")
 WorkersOpt = typer.Option(None, "--workers", help="Image decoding processes.")
 AdapterWeightsOpt = typer.Option(
@@ -175,6 +182,19 @@ class BackboneOptions(OptionGroup):
         if pretrained is None:
             pretrained = None if self.backbone == self.LITE else DEFAULT_PRETRAINED
         return {"backbone": self.name, "pretrained": pretrained}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCacheOptions(OptionGroup):
+    """Where the commands that encode through a frozen image tower (fit, compare, eval) keep features."""
+
+    feature_cache: str | None = option(str | None, FeatureCacheOpt)
+
+    def using(self):
+        """Within the block, encodings use this cache (adaclip.feature_store)."""
+        from ..feature_store import using
+
+        return using(self.feature_cache)
 
 
 def group_parameters(function) -> tuple[inspect.Signature, dict[str, type[OptionGroup]]]:

@@ -20,6 +20,7 @@ from .options import (
     CacheDirOpt,
     ClassNamesOpt,
     DeviceOpt,
+    FeatureCacheOptions,
     ImageFolderArg,
     PrecisionOpt,
     TemplatesOpt,
@@ -64,6 +65,7 @@ def fit(
         None, "--workers", help="Image decoding processes (default: cores-1; 0 on 2 cores)."
     ),
     cache_dir: str | None = CacheDirOpt,
+    features: FeatureCacheOptions = GROUP,
     force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.ckpt."),
     checkpoint_every: int | None = typer.Option(
@@ -132,29 +134,30 @@ def fit(
                 force=force,
             )
         try:
-            adapter = fit_adapter(
-                data,
-                method,
-                **backbone.as_kwargs(),
-                shots=shots,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                classes=classes,
-                templates=templates,
-                val_split=parse_val_split(val_split),
-                device=device,
-                precision=precision,
-                config=overrides,
-                workers=workers,
-                cache_dir=cache_dir,
-                checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
-                deterministic=deterministic,
-                **_callbacks(run_logs),
-            )
+            with features.using():
+                adapter = fit_adapter(
+                    data,
+                    method,
+                    **backbone.as_kwargs(),
+                    shots=shots,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    lr=lr,
+                    seed=seed,
+                    classes=classes,
+                    templates=templates,
+                    val_split=parse_val_split(val_split),
+                    device=device,
+                    precision=precision,
+                    config=overrides,
+                    workers=workers,
+                    cache_dir=cache_dir,
+                    checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every,
+                    resume=resume,
+                    deterministic=deterministic,
+                    **_callbacks(run_logs),
+                )
         except BaseException:
             for run_log in run_logs:
                 run_log.close(None)
@@ -236,6 +239,7 @@ def compare(
     workers: int | None = WorkersOpt,
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass when encoding."),
     cache_dir: str | None = CacheDirOpt,
+    features: FeatureCacheOptions = GROUP,
 ) -> None:
     """Which method is best on your images: fit each method with each seed under one protocol, score
     them on test/ (or a held-out split no method sees), and print a leaderboard.
@@ -261,26 +265,27 @@ def compare(
     if png and report is None:
         raise UsageError("--png needs --report")
     check_report_paths(report, force, [data], "--report", png)
-    board = run_compare(
-        data,
-        method_list,
-        seeds=seed_list,
-        shots=shots,
-        **backbone.as_kwargs(),
-        classes=classes,
-        templates=templates,
-        base_to_new=base_to_new,
-        out_dir=out_dir,
-        resume=resume,
-        force=force,
-        config=_method_settings(settings),
-        device=device,
-        precision=precision,
-        workers=workers,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        on_run=announce_run,
-    )
+    with features.using():
+        board = run_compare(
+            data,
+            method_list,
+            seeds=seed_list,
+            shots=shots,
+            **backbone.as_kwargs(),
+            classes=classes,
+            templates=templates,
+            base_to_new=base_to_new,
+            out_dir=out_dir,
+            resume=resume,
+            force=force,
+            config=_method_settings(settings),
+            device=device,
+            precision=precision,
+            workers=workers,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            on_run=announce_run,
+        )
     if report is not None:
         from ..report import evaluation_of_best_run, write_report
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import LabelledImage, SkippedImage, TrainingData
+from ..feature_store import ReferenceStore
 from ..inference import encode_images
 from ..methods import FeatureSet, TrainConfig
 from ..model import AdaptedCLIP
@@ -88,13 +89,16 @@ class ReferenceViews:
     and lets every step recompute; 'unaugmented' is the old reference (un-augmented image, one pass up
     front), which does not match the augmented crop."""
 
-    def __init__(self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers):
+    def __init__(
+        self, model: AdaptedCLIP, images: list[LabelledImage], cfg: TrainConfig, workers, seed: int = 0, world: int = 1
+    ):
         self.mode = cfg.reference_features
         self.views = cfg.cache_views if cfg.augment else 1
         n, dim, device = len(images), model.backbone.embed_dim, model.backbone.device
         self._unaugmented: torch.Tensor | None = None
         self._table: torch.Tensor | None = None
         self._filled: torch.Tensor | None = None
+        self._stored: ReferenceStore | None = None
         if self.mode == "unaugmented":
             with model.components_disabled():
                 encoded = encode_images(
@@ -104,6 +108,11 @@ class ReferenceViews:
         elif self.mode == "views":
             self._table = torch.zeros(self.views, n, dim, device=device)
             self._filled = torch.zeros(self.views, n, dtype=torch.bool)
+            backbone = model.backbone
+            crops = backbone.train_transform(cfg.min_crop_scale) if cfg.augment else backbone.eval_transform()
+            run = f"seed {seed}, batch {cfg.batch_size}, {world} process(es)"
+            self._stored = ReferenceStore(model, images, crops, seed if cfg.augment else None, self.views, run)
+            self._stored.prefill(self._table, self._filled)  # crops an earlier run computed (feature cache)
 
     @classmethod
     def wanted(cls, model: AdaptedCLIP) -> bool:
@@ -130,3 +139,9 @@ class ReferenceViews:
         view = self.crop_epoch(epoch)
         self._table[view, indices.to(self._table.device)] = features.detach().to(self._table.dtype)
         self._filled[view, indices.cpu()] = True
+        self._stored.keep(view, indices, features)
+
+    def flush(self) -> None:
+        """Write the crops' features computed so far to the feature cache."""
+        if self._stored is not None:
+            self._stored.flush()

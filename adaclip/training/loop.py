@@ -116,7 +116,8 @@ def train(
     resumed = checkpoint is not None and checkpoint.resume
     position = restore_training_state(checkpoint, model, optimizer, scheduler) if resumed else TrainingPosition()
 
-    references = ReferenceViews(model, data.train, cfg, workers) if ReferenceViews.wanted(model) else None
+    wanted = ReferenceViews.wanted(model)
+    references = ReferenceViews(model, data.train, cfg, workers, seed, dist_ctx.world) if wanted else None
     step_module: nn.Module = _StepModule(model)
     if dist_ctx.enabled:
         device_ids = [backbone.device.index] if backbone.device.type == "cuda" else None
@@ -220,6 +221,8 @@ def train(
             ) from None
         raise TrainingInterrupted(f"interrupted at {where}; nothing was saved") from None
 
+    if references is not None:
+        references.flush()
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
     check_finite(
