@@ -1,7 +1,7 @@
 """Method registry: `--method NAME` -> a pydantic config class whose `build()` makes the method's parts.
 
-Adding a method: write `adaclip/methods/<name>.py` with a `MethodConfig` subclass decorated with
-`@register_method`, and list the module in `adaclip.method_catalog.BUILTIN_MODULES`.
+Adding a method: write `adaclip/methods/<name>.py` (or a package, like `lora/`) with a `MethodConfig`
+subclass decorated with `@register_method`, and list the module in `adaclip.method_catalog.BUILTIN_MODULES`.
 """
 
 from __future__ import annotations
