@@ -130,12 +130,16 @@ def _project(
     """F.linear(x, weight, bias) plus each projection's low-rank updates, placed in its rows."""
     y = F.linear(x, weight, bias)
     d_out = weight.shape[0]
-    for proj, (start, end) in rows.items():
-        for update in updates.get(proj, ()):
-            delta = update(x)
-            if (start, end) != (0, d_out):
-                delta = F.pad(delta, (start, d_out - end))
-            y = y + delta
+    segments = [(start, end, update(x)) for proj, (start, end) in rows.items() for update in updates.get(proj, ())]
+    bounds = [0] + [end for _, end, _ in segments]
+    if segments and [start for start, _, _ in segments] == bounds[:-1] and bounds[-1] == d_out:
+        # the updates tile the rows (q, k, v of a packed weight): one add of their concatenation, the same
+        # numbers as adding each zero-padded, without writing and adding the padding
+        return y + (torch.cat([delta for _, _, delta in segments], dim=-1) if len(segments) > 1 else segments[0][2])
+    for start, end, delta in segments:
+        if (start, end) != (0, d_out):
+            delta = F.pad(delta, (start, d_out - end))
+        y = y + delta
     return y
 
 
