@@ -27,7 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DOCS, PEAK_HELP, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
+from .common import (
+    DOCS,
+    RESULTS,
+    ROOT,
+    add_run_options,
+    markdown_table,
+    replace_section,
+    run_header,
+    run_option_args,
+    write_json,
+)
 
 DEFAULT_METHODS = [
     "zeroshot",
@@ -56,25 +66,8 @@ def run_one(backbone: str, method: str, args: argparse.Namespace) -> dict:
         "none" if backbone != "lite" else "default",
         "--method",
         method,
-        "--device",
-        args.device,
-        "--precision",
-        args.precision,
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--predict-batch-size",
-        str(args.predict_batch_size),
-        "--predict-steps",
-        str(args.predict_steps),
-        "--tta-images",
-        str(args.tta_images),
-        "--tta-episodic-images",
-        str(args.tta_episodic_images),
+        *run_option_args(args),
     ]
-    if args.peak_tflops:
-        command += ["--peak-tflops", str(args.peak_tflops)]
     settings = PER_BACKBONE_SETTINGS.get(backbone, {}).get(method)
     if settings:
         command += ["--settings", json.dumps(settings)]
@@ -227,16 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["ViT-B-16", "lite"])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--predict-batch-size", type=int, default=64)
-    parser.add_argument("--predict-steps", type=int, default=3)
-    parser.add_argument("--tta-images", type=int, default=32, help="images for online/tda TTA timing (0: skip TTA)")
-    parser.add_argument("--tta-episodic-images", type=int, default=2, help="of those, images for episodic TTA")
+    add_run_options(parser)
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
     parser.add_argument("--no-epoch-timing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
