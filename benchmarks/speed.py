@@ -6,7 +6,9 @@ training-step throughput with images through the encoders (and on cached feature
 tower is frozen), FLOPs of that step and the achieved rate, peak memory (RSS; CUDA max allocated on
 GPU), predict throughput (merged adapters), trainable parameters and adapter file size. Throughputs are
 also reported as ratios to full fine-tuning and to CLIP-LoRA. A separate run times real `fit` epochs for
-frozen-tower methods, to check that epochs after the first cost a few percent of the first.
+frozen-tower methods, to check that epochs after the first cost a few percent of the first. When lora
+is among the methods, benchmarks.speed_lora_peft then times its training step against Hugging Face
+PEFT's LoRA on the same ViT-B-16 in one process (its own JSON and table; `--no-peft` skips it).
 
 Writes results/speed-<host>.json (one record per run, with the exact command, git commit, machine and
 versions) and the table in docs/benchmarks.md.
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     add_run_options(parser)
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--no-epoch-timing", action="store_true")
+    parser.add_argument("--no-peft", action="store_true", help="skip the lora-vs-PEFT run (benchmarks.speed_lora_peft)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         section += "-" + "-".join(args.backbones)  # a partial run gets its own table, next to the full one
     replace_section(DOCS / "benchmarks.md", section, render(report))
     print(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} and docs/benchmarks.md")
+    if "lora" in args.methods and not args.no_peft:
+        peft_run = [sys.executable, "-m", "benchmarks.speed_lora_peft", "--device", args.device]
+        subprocess.run(peft_run + ["--precision", args.precision], cwd=ROOT, check=False, timeout=args.timeout)
 
 
 if __name__ == "__main__":
