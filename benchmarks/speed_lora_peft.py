@@ -105,7 +105,9 @@ def measure(args: argparse.Namespace) -> dict:
     recipe = make_method_config("lora")
     steps, params = {}, {}
     steps["adaclip"], params["adaclip"] = _adaclip_step(first, {}, pixels, labels)
-    steps["adaclip-dropout0"], params["adaclip-dropout0"] = _adaclip_step(backbone(), {"dropout": 0.0}, pixels, labels)
+    # the two adaclip models share one backbone, as models of one process do (each pass applies its own
+    # components only); PEFT edits its model, so it gets a copy
+    steps["adaclip-dropout0"], params["adaclip-dropout0"] = _adaclip_step(first, {"dropout": 0.0}, pixels, labels)
     steps["peft"], params["peft"], peft_version = _peft_step(
         backbone(), recipe.rank, recipe.scale, recipe.dropout, pixels, labels
     )
@@ -194,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     add_run_options(parser, ("--device", "--precision", "--batch-size"), device="cpu", precision="fp32", batch_size=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--output", default=None, help="JSON report (default results/speed-lora-peft-<host>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON report (default results/speed-lora-peft-<backbone>-<host>.json)"
+    )
     parser.add_argument("--record-only", action="store_true", help="print the record on stdout, write nothing")
     args = parser.parse_args(argv)
     if args.threads:
@@ -205,9 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write("\n")
         return
     report = {**run_header(), "record": record}
-    output = args.output or RESULTS / f"speed-lora-peft-{platform.node() or 'host'}.json"
+    output = args.output or RESULTS / f"speed-lora-peft-{args.backbone}-{platform.node() or 'host'}.json"
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", "speed-lora-peft", render(report))
+    replace_section(DOCS / "benchmarks.md", f"speed-lora-peft-{args.backbone}", render(report))
     for row in record["variants"]:
         print(json.dumps(row), file=sys.stderr)
     print(f"wrote {output} and {DOCS.relative_to(ROOT)}/benchmarks.md")
