@@ -123,16 +123,21 @@ def _mha_cases(batch_first: bool):
     ]
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_lora_attention_matches_multihead_attention(batch_first):
-    """At init the wrapper reproduces nn.MultiheadAttention (outputs and weights) within 1e-6; with
-    non-zero updates it equals the module whose weights carry W + s B A."""
+def _wrapped_attention(batch_first: bool):
+    """A 16-wide nn.MultiheadAttention, its LoRA wrapper, and zero-initialised q/k/v/out updates."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
     parent = nn.Module()
     parent.attn = mha
     wrapper = MultiheadAttentionWrapper(mha, parent, "attn")
-    updates = {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+    return mha, wrapper, {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lora_attention_matches_multihead_attention(batch_first):
+    """At init the wrapper reproduces nn.MultiheadAttention (outputs and weights) within 1e-6; with
+    non-zero updates it equals the module whose weights carry W + s B A."""
+    mha, wrapper, updates = _wrapped_attention(batch_first)
     wrapper.entries.append(_Entry(_Active(), updates))
     cases = _mha_cases(batch_first)
     with torch.no_grad():
@@ -158,12 +163,7 @@ def test_lora_attention_matches_multihead_attention(batch_first):
 def test_lora_attention_per_token_path_matches_the_folded_weights(batch_first):
     """Training with dropout computes the projections per token (a dropout mask cannot be folded into a
     weight); with the masks switched off that path equals PyTorch's module on W + s B A within 1e-6."""
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
-    parent = nn.Module()
-    parent.attn = mha
-    wrapper = MultiheadAttentionWrapper(mha, parent, "attn")
-    updates = {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+    mha, wrapper, updates = _wrapped_attention(batch_first)
     x, causal = _mha_cases(batch_first)[0]["query"], torch.triu(torch.full((5, 5), float("-inf")), 1)
     with torch.no_grad():
         for update in updates.values():
