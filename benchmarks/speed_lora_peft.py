@@ -28,6 +28,7 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -197,13 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--output", default=None, help="JSON report (default results/speed-lora-peft-<backbone>-<host>.json)"
+        "--output", type=Path, default=None, help="JSON report (default results/speed-lora-peft-<backbone>-<host>.json)"
     )
     parser.add_argument("--record-only", action="store_true", help="print the record on stdout, write nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     record = measure(args)
+    print(json.dumps(record), file=sys.stderr, flush=True)  # kept in the log whatever happens next
     if args.record_only:
         json.dump(record, sys.stdout)
         sys.stdout.write("\n")
@@ -212,8 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or RESULTS / f"speed-lora-peft-{args.backbone}-{platform.node() or 'host'}.json"
     write_json(output, report)
     replace_section(DOCS / "benchmarks.md", f"speed-lora-peft-{args.backbone}", render(report))
-    for row in record["variants"]:
-        print(json.dumps(row), file=sys.stderr)
     print(f"wrote {output} and {DOCS.relative_to(ROOT)}/benchmarks.md")
 
 
