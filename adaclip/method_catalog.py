@@ -42,13 +42,22 @@ def _class_variables(node: ast.ClassDef) -> dict[str, object]:
     return found
 
 
+def _sources() -> list[Path]:
+    """The built-in method modules' files: `<name>.py`, or every file of a package `<name>/`."""
+    files = []
+    for module in BUILTIN_MODULES:
+        path = _METHODS_DIR / f"{module}.py"
+        files += [path] if path.exists() else sorted((_METHODS_DIR / module).glob("*.py"))
+    return files
+
+
 @functools.cache
 def builtin_methods() -> tuple[MethodSummary, ...]:
     """Every class decorated with `@register_method` in the built-in modules, sorted by name; class
     variables a class does not set come from its base classes (looked up across the modules)."""
     classes: dict[str, tuple[list[str], dict[str, object], bool]] = {}
-    for module in BUILTIN_MODULES:
-        tree = ast.parse((_METHODS_DIR / f"{module}.py").read_text(encoding="utf-8"))
+    for source in _sources():
+        tree = ast.parse(source.read_text(encoding="utf-8"))
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 registered = any(getattr(d, "id", None) == "register_method" for d in node.decorator_list)

@@ -170,3 +170,36 @@ def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
         if re.search(rf"\b{pattern}\b", device_name, flags=re.IGNORECASE):
             return peaks[kind]
     return None
+
+
+# The options of one measured run: speed.py parses them and passes them on to speed_one.py (one process
+# per method), which parses them again; speed_lora_peft.py uses some of them with its own defaults.
+RUN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--device", {"default": "auto"}),
+    ("--precision", {"default": "auto"}),
+    ("--batch-size", {"type": int, "default": 32}),
+    ("--steps", {"type": int, "default": 3}),
+    ("--predict-batch-size", {"type": int, "default": 64}),
+    ("--predict-steps", {"type": int, "default": 3}),
+    ("--tta-images", {"type": int, "default": 32, "help": "images for online/tda TTA timing (0: skip TTA)"}),
+    ("--tta-episodic-images", {"type": int, "default": 2, "help": "of those, images for episodic TTA"}),
+    ("--peak-tflops", {"type": float, "default": None, "help": PEAK_HELP}),
+)
+
+
+def add_run_options(parser: Any, only: tuple[str, ...] | None = None, **defaults: Any) -> None:
+    """Add RUN_OPTIONS (or the flags in `only`) to an argparse parser; `defaults` overrides by dest name."""
+    for flag, spec in RUN_OPTIONS:
+        if only is None or flag in only:
+            dest = flag[2:].replace("-", "_")
+            parser.add_argument(flag, **{**spec, "default": defaults.get(dest, spec["default"])})
+
+
+def run_option_args(args: Any) -> list[str]:
+    """The command-line form of the RUN_OPTIONS values in `args` (those not None)."""
+    argv: list[str] = []
+    for flag, _ in RUN_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

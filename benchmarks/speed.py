@@ -6,7 +6,9 @@ training-step throughput with images through the encoders (and on cached feature
 tower is frozen), FLOPs of that step and the achieved rate, peak memory (RSS; CUDA max allocated on
 GPU), predict throughput (merged adapters), trainable parameters and adapter file size. Throughputs are
 also reported as ratios to full fine-tuning and to CLIP-LoRA. A separate run times real `fit` epochs for
-frozen-tower methods, to check that epochs after the first cost a few percent of the first.
+frozen-tower methods, to check that epochs after the first cost a few percent of the first. When lora
+is among the methods, benchmarks.speed_lora_peft then times its training step against Hugging Face
+PEFT's LoRA on the same ViT-B-16 in one process (its own JSON and table; `--no-peft` skips it).
 
 Writes results/speed-<host>.json (one record per run, with the exact command, git commit, machine and
 versions) and the table in docs/benchmarks.md.
@@ -27,7 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DOCS, PEAK_HELP, RESULTS, ROOT, markdown_table, replace_section, run_header, write_json
+from .common import (
+    DOCS,
+    RESULTS,
+    ROOT,
+    add_run_options,
+    markdown_table,
+    replace_section,
+    run_header,
+    run_option_args,
+    write_json,
+)
 
 DEFAULT_METHODS = [
     "zeroshot",
@@ -56,25 +68,8 @@ def run_one(backbone: str, method: str, args: argparse.Namespace) -> dict:
         "none" if backbone != "lite" else "default",
         "--method",
         method,
-        "--device",
-        args.device,
-        "--precision",
-        args.precision,
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--predict-batch-size",
-        str(args.predict_batch_size),
-        "--predict-steps",
-        str(args.predict_steps),
-        "--tta-images",
-        str(args.tta_images),
-        "--tta-episodic-images",
-        str(args.tta_episodic_images),
+        *run_option_args(args),
     ]
-    if args.peak_tflops:
-        command += ["--peak-tflops", str(args.peak_tflops)]
     settings = PER_BACKBONE_SETTINGS.get(backbone, {}).get(method)
     if settings:
         command += ["--settings", json.dumps(settings)]
@@ -227,17 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["ViT-B-16", "lite"])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--predict-batch-size", type=int, default=64)
-    parser.add_argument("--predict-steps", type=int, default=3)
-    parser.add_argument("--tta-images", type=int, default=32, help="images for online/tda TTA timing (0: skip TTA)")
-    parser.add_argument("--tta-episodic-images", type=int, default=2, help="of those, images for episodic TTA")
+    add_run_options(parser)
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
     parser.add_argument("--no-epoch-timing", action="store_true")
+    parser.add_argument("--no-peft", action="store_true", help="skip the lora-vs-PEFT run (benchmarks.speed_lora_peft)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -279,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         section += "-" + "-".join(args.backbones)  # a partial run gets its own table, next to the full one
     replace_section(DOCS / "benchmarks.md", section, render(report))
     print(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} and docs/benchmarks.md")
+    if "lora" in args.methods and not args.no_peft:
+        peft_run = [sys.executable, "-m", "benchmarks.speed_lora_peft", "--device", args.device]
+        subprocess.run(peft_run + ["--precision", args.precision], cwd=ROOT, check=False, timeout=args.timeout)
 
 
 if __name__ == "__main__":

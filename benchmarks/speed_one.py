@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import PEAK_HELP, gpu_peak_tflops
+from .common import add_run_options, gpu_peak_tflops
 
 N_CLASSES = 10
 
@@ -191,15 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default="none")
     parser.add_argument("--method", required=True)
     parser.add_argument("--settings", default="", help="JSON method settings")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--predict-batch-size", type=int, default=64)
-    parser.add_argument("--predict-steps", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=None, help=PEAK_HELP)
-    parser.add_argument("--tta-images", type=int, default=32, help="images for online/tda TTA timing (0: skip TTA)")
-    parser.add_argument("--tta-episodic-images", type=int, default=2, help="of those, images for episodic TTA")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     json.dump(measure(args), sys.stdout)
     sys.stdout.write("\n")

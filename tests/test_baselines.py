@@ -124,16 +124,21 @@ def _mha_cases(batch_first: bool):
     ]
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_lora_attention_matches_multihead_attention(batch_first):
-    """At init the wrapper reproduces nn.MultiheadAttention (outputs and weights) within 1e-6; with
-    non-zero updates it equals the module whose weights carry W + s B A."""
+def _wrapped_attention(batch_first: bool):
+    """A 16-wide nn.MultiheadAttention, its LoRA wrapper, and zero-initialised q/k/v/out updates."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
     parent = nn.Module()
     parent.attn = mha
     wrapper = MultiheadAttentionWrapper(mha, parent, "attn")
-    updates = {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+    return mha, wrapper, {p: LoRAUpdate(16, 16, rank=2, scale=0.5, dropout=0.0) for p in ("q", "k", "v", "out")}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lora_attention_matches_multihead_attention(batch_first):
+    """At init the wrapper reproduces nn.MultiheadAttention (outputs and weights) within 1e-6; with
+    non-zero updates it equals the module whose weights carry W + s B A."""
+    mha, wrapper, updates = _wrapped_attention(batch_first)
     wrapper.entries.append(_Entry(_Active(), updates))
     cases = _mha_cases(batch_first)
     with torch.no_grad():
@@ -153,6 +158,58 @@ def test_lora_attention_matches_multihead_attention(batch_first):
     wrapper.entries.clear()
     with torch.no_grad():  # no active component: the original module runs
         assert torch.equal(wrapper(**cases[0])[0], mha(**cases[0])[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lora_attention_per_token_path_matches_the_folded_weights(batch_first):
+    """Training with dropout computes the projections per token (a dropout mask cannot be folded into a
+    weight); with the masks switched off that path equals PyTorch's module on W + s B A within 1e-6."""
+    mha, wrapper, updates = _wrapped_attention(batch_first)
+    x, causal = _mha_cases(batch_first)[0]["query"], torch.triu(torch.full((5, 5), float("-inf")), 1)
+    with torch.no_grad():
+        for update in updates.values():
+            update.lora_B.normal_()
+        grouped = {p: [u] for p, u in updates.items()}
+        merged = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        merged.load_state_dict(mha.state_dict())
+        for name, weight in wrapper.adapted_weights(grouped).items():
+            merged.get_parameter(name).copy_(weight)
+        for extra in ({}, {"attn_mask": causal}, {"attn_mask": causal < 0}, {"attn_mask": causal, "is_causal": True}):
+            want = merged(x, x, x, need_weights=False, **extra)[0]
+            got = wrapper._forward_per_token(x, x, x, grouped, need_weights=False, **extra)[0]
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(UsageError, match="dropout=0"):
+        wrapper._forward_per_token(x, x, x, grouped)  # need_weights=True: only the folded path serves it
+
+
+def test_lora_merge_unmerge_round_trip(tiny_backbone):
+    """merge() folds the updates into frozen copies of the weights: the logits agree within 1e-5. The
+    backbone's own tensors are never written (PEFT's unmerge subtracts the update again, exact only to
+    rounding), so after unmerge() its weights and the logits are the unmerged ones bit for bit."""
+    before = _state(tiny_backbone)
+    model = AdaptedCLIP(
+        tiny_backbone, make_method_config("lora", {"projections": ["q", "k", "v", "out"]}), CLASSES, TEMPLATES
+    )
+    _randomize(model)
+    model.eval()
+    pixels = _pixels()
+    with torch.no_grad():
+        unmerged = model(pixels)
+        model.components[0].merge()
+        model.invalidate_class_cache()
+        merged = model(pixels)
+        assert _same_state(before, tiny_backbone)  # merged copies, not the backbone's tensors
+        model.components[0].unmerge()
+        model.invalidate_class_cache()
+        again = model(pixels)
+        with model.components_disabled():
+            model.invalidate_class_cache()
+            zero_shot = model(pixels)
+    assert not torch.allclose(unmerged, zero_shot, atol=1e-3)  # the updates are visible
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    assert torch.equal(again, unmerged)
+    assert _same_state(before, tiny_backbone)
+    model.detach_components()
 
 
 def test_lora_starts_at_zero_shot_and_detach_restores_the_backbone(tiny_backbone):

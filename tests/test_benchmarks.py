@@ -106,3 +106,40 @@ def test_speed_on_a_missing_gpu_stops_before_measuring_anything(tmp_path, capsys
         "benchmarks.speed: --device cuda asked for, but CUDA is not available here (use --device cpu)"
     ]
     assert not output.exists()
+
+
+def test_speed_passes_its_run_options_on_unchanged():
+    """speed.py parses the run options once and hands them to each speed_one process as flags."""
+    import argparse
+
+    from benchmarks.common import RUN_OPTIONS, add_run_options, run_option_args
+
+    def parser():
+        p = argparse.ArgumentParser()
+        add_run_options(p)
+        return p
+
+    given = ["--device", "cpu", "--precision", "bf16", "--batch-size", "5", "--steps", "2", "--predict-batch-size", "7"]
+    given += ["--predict-steps", "4", "--tta-images", "0", "--tta-episodic-images", "1", "--peak-tflops", "12.5"]
+    first = parser().parse_args(given)
+    assert len(given) == 2 * len(RUN_OPTIONS)
+    assert parser().parse_args(run_option_args(first)) == first
+    defaults = parser().parse_args([])
+    assert "--peak-tflops" not in run_option_args(defaults)  # None: not passed on
+    assert parser().parse_args(run_option_args(defaults)) == defaults
+
+
+@pytest.mark.slow
+def test_lora_against_peft_on_a_tiny_backbone():
+    pytest.importorskip("peft")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed_lora_peft", "--backbone", TINY, "--batch-size", "2",
+         "--rounds", "1", "--record-only"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    variants = {row["variant"]: row for row in record["variants"]}
+    assert set(variants) == {"adaclip", "adaclip-dropout0", "peft"}
+    assert len({row["trainable_params"] for row in variants.values()}) == 1  # the comparison's premise
+    assert variants["peft"]["vs_peft"] == 1.0 and all(row["train_images_per_second"] > 0 for row in variants.values())

@@ -5,8 +5,8 @@
 - `registry`: names -> config classes;
 - one module per method.
 
-Adding a method: write `adaclip/methods/<name>.py` with a `MethodConfig` subclass decorated with
-`@register_method`, and list the module in `adaclip.method_catalog.BUILTIN_MODULES`.
+Adding a method: write `adaclip/methods/<name>.py` (or a package, like `lora/`) with a `MethodConfig`
+subclass decorated with `@register_method`, and list the module in `adaclip.method_catalog.BUILTIN_MODULES`.
 """
 
 from __future__ import annotations
