@@ -91,7 +91,7 @@ def read_manifest(
     path = Path(path)
     path_column = path_column or (HF_PATH_COLUMN if path.name in HF_METADATA_FILES else DEFAULT_PATH_COLUMN)
     label_column = label_column or DEFAULT_LABEL_COLUMN
-    base = os.path.abspath(path.parent) if allow_absolute else str(path.parent)
+    prefix = os.path.join(str(path.parent), "")  # "folder/": row paths are joined by concatenation, for speed
     rows: list[tuple[str, str, str | None]] = []  # (path as joined, label, split)
     bad: list[tuple[int, str]] = []
     n_bad = 0
@@ -115,12 +115,12 @@ def read_manifest(
             if len(bad) < SHOWN_BAD_ROWS:
                 bad.append((line, problem))
             continue
-        rows.append((os.path.join(base, file_text), label, split))
+        rows.append((file_text if os.path.isabs(file_text) else prefix + file_text, label, split))
     folders, names = classes_from_labels({label for _, label, _ in rows}, classes_file, path)
     index_of = label_lookup(folders)
     by_split: dict[str | None, list[LabelledImage]] = {}
     for joined, label, split in rows:
-        by_split.setdefault(split, []).append(LabelledImage(Path(joined), index_of(label)))
+        by_split.setdefault(split, []).append(LabelledImage(joined, index_of(label)))
     index = ManifestIndex(path, folders, names, by_split, bad, n_bad)
     if n_bad:
         _report_bad_rows(index)
@@ -134,7 +134,7 @@ def iter_manifest_paths(
     file is checked first (text only), so a path outside its folder fails before any prediction."""
     path = Path(path)
     path_column = path_column or (HF_PATH_COLUMN if path.name in HF_METADATA_FILES else DEFAULT_PATH_COLUMN)
-    base = os.path.abspath(path.parent) if allow_absolute else str(path.parent)
+    base = str(path.parent)  # an absolute row path replaces it in os.path.join
     if not allow_absolute:
         for line, file_text, _, _, problem in _rows(path, path_column, None):
             if problem is None and (escape := _path_problem(file_text)) is not None:
@@ -157,6 +157,8 @@ def iter_manifest_paths(
 
 def _path_problem(file_text: str) -> str | None:
     """Why a manifest path may not be read without --allow-absolute (None: it stays in the folder)."""
+    if ".." not in file_text and not file_text.startswith(os.sep):
+        return None  # the common case, decided without normalising
     if os.path.isabs(file_text):
         return "is absolute"
     normal = os.path.normpath(file_text)

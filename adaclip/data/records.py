@@ -28,12 +28,23 @@ class TarSpan:
 
 @dataclass(frozen=True, slots=True)
 class LabelledImage:
-    """One image and its class index. `path` names it (for a shard member: `SHARD.tar/MEMBER`);
-    `span`, when set, is where its bytes are (a shard member); otherwise `path` is a file."""
+    """One image and its class index. `file` names it: a Path (folders), or text (manifest rows and
+    shard members, `SHARD.tar/MEMBER`), kept as text because a million `Path` objects cost seconds and
+    hundreds of MiB to build; `path` gives it as a Path. `span`, when set, is where its bytes are (a
+    shard member); otherwise `file` is a file."""
 
-    path: Path
+    file: str | Path
     label: int
     span: TarSpan | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.file if isinstance(self.file, Path) else Path(self.file)
+
+    @property
+    def name(self) -> str:
+        """`file` as text: what sorting and de-duplication use (no Path built)."""
+        return self.file if isinstance(self.file, str) else str(self.file)
 
 
 @dataclass

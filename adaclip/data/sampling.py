@@ -22,9 +22,9 @@ def few_shot_sample(images: Sequence[LabelledImage], shots: int, seed: int, n_cl
     rng = random.Random(seed)
     chosen: list[LabelledImage] = []
     for group in groups:
-        group = sorted(group, key=lambda im: str(im.path))
+        group = sorted(group, key=lambda im: im.name)
         chosen.extend(group if len(group) <= shots else rng.sample(group, shots))
-    return sorted(chosen, key=lambda im: (im.label, str(im.path)))
+    return sorted(chosen, key=lambda im: (im.label, im.name))
 
 
 def holdout_count(n: int, fraction: float) -> int:
@@ -45,7 +45,7 @@ def stratified_holdout(
     keep: list[LabelledImage] = []
     held: list[LabelledImage] = []
     for group in groups:
-        group = sorted(group, key=lambda im: str(im.path))
+        group = sorted(group, key=lambda im: im.name)
         n_held = holdout_count(len(group), fraction)
         held_set = set(rng.sample(range(len(group)), n_held)) if n_held else set()
         for i, image in enumerate(group):
@@ -117,14 +117,10 @@ def split_training_pool(
         pool, val = stratified_holdout(pool, 0.1, seed, n_classes)
         val_source = "10% held out per class"
 
-    train = (
-        few_shot_sample(pool, shots, seed, n_classes)
-        if shots
-        else sorted(pool, key=lambda im: (im.label, str(im.path)))
-    )
+    train = few_shot_sample(pool, shots, seed, n_classes) if shots else sorted(pool, key=lambda im: (im.label, im.name))
     if val_split == "auto" and shots is not None and val_images is None:
-        chosen = {im.path for im in train}
-        val = few_shot_validation([im for im in pool if im.path not in chosen], shots, seed, n_classes)
+        chosen = {im.name for im in train}
+        val = few_shot_validation([im for im in pool if im.name not in chosen], shots, seed, n_classes)
         val_source = (
             f"min(shots, {FEW_SHOT_VAL_PER_CLASS}) per class not sampled as shots"
             if val

@@ -172,7 +172,7 @@ def read_shards(spec: str, *, label_column: str | None = None, classes_file: str
         )
     folders, names = classes_from_labels({label for _, _, label in entries}, classes_file, spec)
     index_of = label_lookup(folders)
-    images = [LabelledImage(Path(name), index_of(label), span) for name, span, label in entries]
+    images = [LabelledImage(name, index_of(label), span) for name, span, label in entries]
     _report(spec, notes + bad, n_bad - len(bad))
     return ImageFolder(
         root=Path(urls[0]).parent, folders=folders, class_names=names, images=images, source=str(spec), skipped=n_bad
