@@ -66,9 +66,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .adapter_file import created_at_now
 from .checks import MAX_SEED
-from .data import StreamingImageDataset, class_name_from_folder, list_images, make_loader, record_name
+from .data import (
+    StreamingImageDataset,
+    class_name_from_folder,
+    labelled_items,
+    list_images,
+    make_loader,
+    open_data,
+    open_item,
+    record_name,
+)
 from .errors import InputError, UsageError
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS
 from .methods import CosineHead, make_method_config, method_registry
 from .methods.rada import RationalMaskConfig, RationalMaskHead
 from .model import AdaptedCLIP
@@ -215,6 +224,8 @@ def check_adaptable(adapter: Adapter) -> None:
 
 
 def list_tta_images(folder: str | Path) -> list[Path]:
+    if open_data(folder).kind != "folder":  # a manifest or shards: their images, in their order
+        return [item for item, _ in labelled_items(folder)]
     folder = Path(folder)
     if not folder.exists():
         raise InputError("folder not found", path=folder)
@@ -240,7 +251,9 @@ def resolve_labels(
     if labels is None:
         return None
     index = _label_index(adapter)
-    if isinstance(labels, str) and labels == "folders":
+    if isinstance(labels, str) and labels == "folders" and open_data(folder).kind != "folder":
+        named = {str(item): key for item, key in labelled_items(folder)}  # the manifest's or shards' labels
+    elif isinstance(labels, str) and labels == "folders":
         named = {str(p): record_name(p.parent.name) for p in images if p.parent != folder}
     elif isinstance(labels, dict):
         named = {str(Path(k) if Path(k).is_absolute() else folder / k): str(v) for k, v in labels.items()}
@@ -514,7 +527,7 @@ class TestTimeAdaptation:
         class_features = self._class_features()
         for index, path in enumerate(images):
             try:
-                image = load_image(path)
+                image = open_item(path)
                 pixels = episodic_views(image, self.settings.seed, self.settings.views, eval_transform, augment)
             except Exception as exc:  # noqa: BLE001 - one unreadable image must not end the run
                 yield index, path, None, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")

@@ -319,3 +319,35 @@ def test_dispatch(images, kinds, tmp_path):
         prepare_training_data(str(tmp_path / "nothing-here"))
     with pytest.raises(InputError, match="shard"):
         prepare_training_data(str(tmp_path / "x-{000000..000003}.tar"))
+
+
+@pytest.mark.parametrize("kind", ["csv", "shards"])
+def test_tta_reads_manifests_and_shards_and_scores_with_their_labels(kinds, kind, tiny_backbone):
+    import adaclip
+
+    _, test_spec, options, classes = kinds[kind]
+    names = CLASSES
+    adapter = adaclip.zero_shot_adapter(names, backbone=tiny_backbone)
+    if kind == "shards":  # .cls labels are indices: the adapter must know the classes by those keys
+        adapter.metadata.class_folders = ["0", "1", "2"]
+    result = adapter.tta(open_data(test_spec, **options), mode="episodic", views=4, labels="folders", seed=0)
+    listed = (N_TRAIN + N_TEST) * len(CLASSES) if kind == "csv" else N_TEST * len(CLASSES)
+    assert len(result.predictions) == listed
+    assert all(p.error is None for p in result.predictions)
+    assert all(p.true_label in names for p in result.predictions)
+    if kind == "shards":
+        assert result.predictions[0].path == f"{test_spec}/s00000.png"
+
+
+@pytest.mark.parametrize("kind", ["folder", "csv", "hf-metadata", "shards"])
+def test_compare_protocol_reads_every_kind(kinds, kind):
+    from adaclip.comparison import make_protocol
+
+    train_spec, _, options, classes = kinds[kind]
+    protocol = make_protocol(open_data(train_spec, **options), shots=2, classes=classes)
+    assert protocol.class_names == CLASSES
+    if kind == "shards":  # no test split: a fixed 20% of each class is held out
+        assert len(protocol.test) == 3 and len(protocol.pool) == (N_TRAIN - 1) * len(CLASSES)
+    else:  # the test split
+        assert len(protocol.test) == N_TEST * len(CLASSES) and len(protocol.pool) == N_TRAIN * len(CLASSES)
+    assert len(protocol.training_data(0).train) == 2 * len(CLASSES)

@@ -24,6 +24,7 @@ from .loading import (
     collate,
     default_workers,
     make_loader,
+    open_item,
     sample_seed,
 )
 from .manifest import read_manifest
@@ -53,6 +54,7 @@ from .sources import (
     LabelledSets,
     check_classes_readable,
     iter_input_paths,
+    labelled_items,
     open_data,
     prepare_eval_data,
     prepare_training_data,
@@ -85,10 +87,12 @@ __all__ = [
     "find_splits",
     "holdout_count",
     "iter_input_paths",
+    "labelled_items",
     "list_images",
     "make_loader",
     "name_from_record",
     "open_data",
+    "open_item",
     "path_from_record",
     "prepare_eval_data",
     "prepare_training_data",

@@ -128,6 +128,11 @@ def _decode(item: ImageItem, index: int, label: int, transform: Callable, max_pi
         return None, label, index, str(path), f"{type(exc).__name__}: {exc}"
 
 
+def open_item(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The decoded RGB image of one item (raises UnreadableImageError as `load_image` does)."""
+    return load_image(item if isinstance(item, Path) else item.path, max_pixels=max_pixels, data=_bytes_of(item))
+
+
 def _bytes_of(item: ImageItem) -> io.BytesIO | None:
     """The in-memory bytes of a shard member (None for a file, which `load_image` opens itself)."""
     if isinstance(item, ImageBytes):

@@ -46,6 +46,9 @@ class LabelledImage:
         """`file` as text: what sorting and de-duplication use (no Path built)."""
         return self.file if isinstance(self.file, str) else str(self.file)
 
+    def __str__(self) -> str:  # shown where a path would be (tta's records take str() of their inputs)
+        return self.name
+
 
 @dataclass
 class ImageFolder:

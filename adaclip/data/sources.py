@@ -241,6 +241,18 @@ def check_classes_readable(data: TrainingData, max_pixels: int = DEFAULT_MAX_PIX
                 )
 
 
+def labelled_items(data) -> list[tuple[Path | LabelledImage, str]]:
+    """Every image of a manifest or of shards with its class key, in DATA's order (for `tta`, which
+    adapts on all of them and may score with their labels): a file's Path, or a shard member's record."""
+    source = open_data(data)
+    sets = read_sets(source, test=True)
+    out = []
+    for labelled in (sets.train, sets.val, sets.test):
+        if labelled is not None:
+            out.extend((im if im.span is not None else im.path, labelled.folders[im.label]) for im in labelled.images)
+    return out
+
+
 # --------------------------------------------------------------------------------------- prediction inputs
 
 
