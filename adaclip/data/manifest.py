@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,11 @@ def read_manifest(
     path_column = path_column or (HF_PATH_COLUMN if path.name in HF_METADATA_FILES else DEFAULT_PATH_COLUMN)
     label_column = label_column or DEFAULT_LABEL_COLUMN
     prefix = os.path.join(str(path.parent), "")  # "folder/": row paths are joined by concatenation, for speed
-    rows: list[tuple[str, str, str | None]] = []  # (path as joined, label, split)
+    # Per split, the joined paths and a small number per distinct label (labels repeat: a million rows
+    # keep one string per label, not one per row).
+    files: dict[str | None, list[str]] = {}
+    label_ids: dict[str | None, array] = {}
+    ids: dict[str, int] = {}
     bad: list[tuple[int, str]] = []
     n_bad = 0
     for line, file_text, label, split, problem in _rows(path, path_column, label_column):
@@ -115,12 +120,17 @@ def read_manifest(
             if len(bad) < SHOWN_BAD_ROWS:
                 bad.append((line, problem))
             continue
-        rows.append((file_text if os.path.isabs(file_text) else prefix + file_text, label, split))
-    folders, names = classes_from_labels({label for _, label, _ in rows}, classes_file, path)
+        if split not in files:
+            files[split], label_ids[split] = [], array("l")
+        files[split].append(file_text if os.path.isabs(file_text) else prefix + file_text)
+        label_ids[split].append(ids.setdefault(label, len(ids)))
+    folders, names = classes_from_labels(set(ids), classes_file, path)
     index_of = label_lookup(folders)
-    by_split: dict[str | None, list[LabelledImage]] = {}
-    for joined, label, split in rows:
-        by_split.setdefault(split, []).append(LabelledImage(joined, index_of(label)))
+    class_of = [index_of(label) for label in ids]  # label id -> class index (ids are in first-seen order)
+    by_split = {
+        split: [LabelledImage(f, class_of[i]) for f, i in zip(files[split], label_ids[split], strict=True)]
+        for split in files
+    }
     index = ManifestIndex(path, folders, names, by_split, bad, n_bad)
     if n_bad:
         _report_bad_rows(index)

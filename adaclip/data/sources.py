@@ -53,6 +53,20 @@ class DataSource:
     def __str__(self) -> str:
         return self.spec
 
+    @property
+    def stem(self) -> str:
+        """A short name for files made from DATA (`fit`'s default adapter name): the folder's name, the
+        manifest's name without its suffix, the shard pattern up to its first brace or number range."""
+        path = Path(self.spec)
+        if self.kind == "shards":
+            name = Path(self.spec.split("::")[0]).name.split("{")[0].split("*")[0]
+            for suffix in (".tar.gz", ".tgz", ".tar"):
+                name = name.removesuffix(suffix)
+            return name.rstrip("-_.") or "shards"
+        if self.kind == "manifest" and not path.is_dir():
+            return path.stem if path.name not in ("metadata.csv", "metadata.jsonl") else path.resolve().parent.name
+        return path.resolve().name or "data"
+
 
 def open_data(
     data: str | os.PathLike,
