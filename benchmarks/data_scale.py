@@ -137,6 +137,7 @@ def stream_run(adapter: Path, n: int, backbone: str, env: dict) -> dict:
     first, last = samples[0], samples[-1]
     return {
         "backbone": backbone,
+        "command": run_header()["command"],
         "paths": n,
         "distinct_images": len(images),
         "errors": errors,
@@ -161,8 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream", type=int, default=100_000, help="paths through the tiny test tower")
     parser.add_argument("--lite-stream", type=int, default=2_000, help="paths through lite")
     parser.add_argument("--output", type=Path, default=RESULTS / "data-scale.json")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to --output's runs (e.g. --rows 0 --lite-stream 0: only the tiny stream)",
+    )
     args = parser.parse_args(argv)
-    document = {**run_header(), "index": index_runs(args.rows), "stream": []}
+    header = run_header()
+    if args.append:  # a later run of some parts, added to the record of an earlier one
+        document = json.loads(args.output.read_text())
+        document.setdefault("later_runs", []).append(header)
+    else:
+        document = {**header, "index": [], "stream": []}
+    if args.rows > 0:
+        document["index"] = index_runs(args.rows)
     publish(document, args.output)
     env = {**os.environ, "ADACLIP_MODEL_CONFIGS": str(ROOT / "tests" / "model_configs"), "ADACLIP_NO_PROGRESS": "1"}
     os.environ["ADACLIP_MODEL_CONFIGS"] = env["ADACLIP_MODEL_CONFIGS"]
@@ -215,7 +228,11 @@ def publish(document: dict, output: Path) -> None:
     machine = document["machine"]
     text = (
         f"### Data at scale\n\n`{document['command']}` ({document['date']}, {document['git_commit'][:12]}, "
-        f"{machine['cpu_count']}-core {machine['cpu']}, shared with other jobs while it ran).\n\n"
+        f"{machine['cpu_count']}-core {machine['cpu']}, shared with other jobs while it ran)"
+        + "".join(
+            f"; then `{r['command']}` ({r['date']}, {r['git_commit'][:12]})" for r in document.get("later_runs", [])
+        )
+        + ".\n\n"
         f"Indexing a manifest (fresh process each; the listed files do not exist, indexing never opens them):"
         f"\n\n{index_table}\n\n`adaclip predict ADAPTER - --format jsonl` over a stream of paths on stdin "
         f"(sample_data/shifted's {document['stream'][0]['distinct_images'] if document['stream'] else 0} PNGs, "
