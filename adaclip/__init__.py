@@ -26,18 +26,20 @@ from ._version import __version__
 from .errors import AdaclipError, AdapterFileError, BackboneUnavailableError, InputError, UsageError
 
 if TYPE_CHECKING:
-    from .adapter import Adapter, Prediction, fit, load, zero_shot_adapter
+    from .adapter import Adapter
+    from .api import fit, load, zero_shot_adapter
     from .backbone import Backbone, create_backbone
     from .comparison import Leaderboard, compare
     from .methods import list_methods
+    from .predictions import Prediction
     from .ui import set_progress
 
 _LAZY = {
     "Adapter": "adapter",
-    "Prediction": "adapter",
-    "fit": "adapter",
-    "load": "adapter",
-    "zero_shot_adapter": "adapter",
+    "Prediction": "predictions",
+    "fit": "api",
+    "load": "api",
+    "zero_shot_adapter": "api",
     "Backbone": "backbone",
     "create_backbone": "backbone",
     "Leaderboard": "comparison",

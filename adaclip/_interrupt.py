@@ -2,8 +2,9 @@
 
 Importing torch and open_clip takes seconds, and a KeyboardInterrupt raised inside those imports can
 escape before any command catches it, or be swallowed by them (see `import_heavy_modules`). So the
-command installs, before any import of its own, a handler that ends the process at once; it stays
-through option parsing and the heavy imports, which happen before a command's body creates anything.
+command (adaclip.__main__) installs, before any import of its own, a handler that ends the process at
+once; it stays through option parsing and the heavy imports, which happen before a command's body
+creates anything.
 From the body on, Ctrl-C raises KeyboardInterrupt, which the command turns into its own message (e.g.
 how to resume a fit) and exit 130. Standard library only.
 """
@@ -12,14 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-
-
-def main() -> None:
-    """The `adaclip` console script: the handler goes in before the CLI's own imports (typer, rich)."""
-    exit_130_until_started()
-    from .cli import main as cli_main
-
-    cli_main()
 
 
 def _exit_130(signum, frame) -> None:

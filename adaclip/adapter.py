@@ -1,80 +1,36 @@
-"""The user-facing objects: `Adapter` (a backbone + trained method + metadata) and `fit` / `load`.
+"""`Adapter`: a backbone + a method's trained parts + the metadata of its file, ready to predict,
+evaluate, adapt further at test time, or save. `adaclip.fit` and `adaclip.load` (adaclip.api) make one.
 
-import adaclip
-adapter = adaclip.fit("images/", method="linear-probe", backbone="lite", shots=16)
-adapter.save("pets.adaclip")
 adapter = adaclip.load("pets.adaclip")
 adapter.predict(["cat.jpg"], top_k=3)
 adapter.evaluate("images/test")
+adapter.save("copy.adaclip")
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
 
-from .adapter_file import (
-    AdapterMetadata,
-    DataRecord,
-    check_writable_metadata,
-    created_at_now,
-    read_adapter_file,
-    read_adapter_header,
-    write_adapter_file,
-)
-from .backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, create_backbone, select_device
-from .checks import check_count, check_seed
-from .data import (
-    ImageFolder,
-    TrainingData,
-    check_class_names,
-    check_classes_readable,
-    iter_input_paths,
-    prepare_eval_data,
-    prepare_training_data,
-    read_name_list,
-)
-from .distributed import context_from_env, device_for_rank, init_distributed
-from .errors import AdapterFileError, InputError, UsageError, arg
-from .files import check_output_path
+from .adapter_file import AdapterMetadata, created_at_now, write_adapter_file
+from .backbone import Backbone
+from .checks import check_count
+from .data import ImageFolder, iter_input_paths, prepare_eval_data
+from .errors import InputError, UsageError
 from .inference import encode_images, logits_in_batches, stream_predictions
-from .methods import make_method_config, method_config_class
+from .methods import method_config_class
 from .metrics import ClassificationReport, classification_report
 from .model import AdaptedCLIP
-from .templates import resolve_templates
-from .training import CheckpointPolicy, EpochCallback, StepCallback, train
+from .predictions import Prediction, labelled_record, top_prediction
 from .ui import log
 
 if TYPE_CHECKING:
     from .tta import TTAResult
-
-
-@dataclass
-class Prediction:
-    """One image's result: best label and score, and the top-k (label, probability) pairs."""
-
-    path: str | None
-    label: str | None
-    score: float | None
-    class_index: int | None
-    top_k: list[tuple[str, float]] = field(default_factory=list)
-    error: str | None = None
-    true_label: str | None = None  # set when the caller knows the answer (e.g. `tta --labels`)
-
-    def to_dict(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"path": self.path, "label": self.label, "score": self.score}
-        record["top_k"] = [{"label": label, "score": score} for label, score in self.top_k]
-        if self.true_label is not None:
-            record["true_label"] = self.true_label
-        if self.error:
-            record["error"] = self.error
-        return record
 
 
 class Adapter:
@@ -112,12 +68,6 @@ class Adapter:
     def trainable_params(self) -> int:
         return self.metadata.trainable_params
 
-    def info(self) -> dict[str, Any]:
-        """The metadata plus the parameter breakdown, as plain data."""
-        document = self.metadata.model_dump(mode="json")
-        document["parameter_breakdown"] = self.model.parameter_breakdown()
-        return document
-
     # --- persistence ------------------------------------------------------------------------------
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
@@ -134,7 +84,7 @@ class Adapter:
         """A new adapter whose file stores the merged form (e.g. AdaRing's per-layer matrices instead of
         tensor rings): larger, but predict never reconstructs. Predictions are unchanged."""
         config = self.model.config
-        if "merged" not in type(config).model_fields:
+        if not config.has_merged_form:
             raise UsageError(f"method {self.method!r} has no merged form", fix="export without --merged")
         if config.merged:
             return self
@@ -213,11 +163,7 @@ class Adapter:
         return [self._prediction(path, row, k) for path, row, k in zip(names, probs, ks, strict=True)]
 
     def _prediction(self, path: str | None, probs: torch.Tensor, top_k: int) -> Prediction:
-        k = max(1, min(top_k, len(probs)))
-        scores, indices = probs.topk(k)
-        names = self.model.class_names
-        pairs = [(names[i], round(float(s), 6)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)]
-        return Prediction(path, pairs[0][0], pairs[0][1], int(indices[0]), pairs)
+        return top_prediction(path, probs, self.model.class_names, top_k)
 
     @contextlib.contextmanager
     def classes(self, class_names: list[str] | None) -> Iterator[None]:
@@ -262,9 +208,34 @@ class Adapter:
         """
         from .tta import run_tta
 
-        return run_tta(
-            self, folder, labels=labels, top_k=top_k, mode=mode, steps=steps, views=views, lr=lr, seed=seed, **settings
+        result = run_tta(
+            self.model,
+            folder,
+            class_folders=self.metadata.class_folders,
+            source=self.source_name,
+            labels=labels,
+            top_k=top_k,
+            mode=mode,
+            steps=steps,
+            views=views,
+            lr=lr,
+            seed=seed,
+            **settings,
         )
+        if result.model is not None:
+            result.adapter = self.adapted(result.model, result.record)
+        return result
+
+    def adapted(self, model: AdaptedCLIP, tta_record: dict[str, Any]) -> Adapter:
+        """A new Adapter around `model`, a test-time-adapted copy of this adapter's model (see
+        adaclip.tta), with `tta_record` added to its history. This adapter is left unchanged."""
+        metadata = self.metadata.model_copy(deep=True)
+        metadata.method = model.config.name
+        metadata.method_config = model.config.model_dump(mode="json")
+        metadata.trainable_params = model.n_trainable()
+        metadata.created_at = created_at_now()
+        metadata.tta = [*metadata.tta, tta_record]
+        return Adapter(model, metadata)
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -307,22 +278,10 @@ class Adapter:
         report.skipped_images = len(encoded.skipped)
         if keep_predictions:
             probabilities = logits.softmax(dim=-1)
-            report.predictions = []
-            for row, index, true_index in zip(probabilities, encoded.indices.tolist(), truth.tolist(), strict=True):
-                scores, best = row.topk(max(1, min(top_k, len(class_names))))
-                report.predictions.append(
-                    {
-                        "path": str(folder.images[index].path),
-                        "true_label": class_names[true_index],
-                        "label": class_names[int(best[0])],
-                        "correct": int(best[0]) == true_index,
-                        "score": round(float(scores[0]), 6),
-                        "top_k": [
-                            {"label": class_names[int(i)], "score": round(float(v), 6)}
-                            for v, i in zip(scores.tolist(), best.tolist(), strict=True)
-                        ],
-                    }
-                )
+            report.predictions = [
+                labelled_record(str(folder.images[index].path), row, true_index, class_names, top_k)
+                for row, index, true_index in zip(probabilities, encoded.indices.tolist(), truth.tolist(), strict=True)
+            ]
         return report
 
     def _align_classes(self, folders: list[str], names: list[str]) -> tuple[list[int], list[str]]:
@@ -341,257 +300,3 @@ class Adapter:
             )
         log.info(f"scoring among the folder's {len(names)} class names (new to this adapter)")
         return list(range(len(folders))), names
-
-
-# ------------------------------------------------------------------------------------------ fit / load
-
-
-def fit(
-    data: str | Path | TrainingData,
-    method: str = "adaring",
-    *,
-    backbone: str | Backbone = DEFAULT_BACKBONE,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    shots: int | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    classes: str | Path | None = None,
-    templates: str | list[str] | None = "default",
-    val_split: float | Literal["auto"] = "auto",
-    device: str | None = None,
-    precision: str = "auto",
-    config: dict[str, Any] | None = None,
-    workers: int | None = None,
-    cache_dir: str | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    deterministic: bool = False,
-    on_epoch_end: EpochCallback | None = None,
-    on_step_end: StepCallback | None = None,
-    **settings: Any,
-) -> Adapter:
-    """Train `method` on the image folder `data` and return the adapter (save it with `.save(path)`).
-
-    Method settings (see `adaclip info --method NAME`) come as keyword arguments or a `config` dict,
-    e.g. `fit(data, "adaring", ranks=[2, 4])` or `config={"train": {"weight_decay": 0.01}}`;
-    `epochs`, `batch_size` and `lr` override the method's training recipe.
-
-    `data` may also be a prepared `TrainingData` (its own train and validation images, as `compare`
-    chooses them); then `classes`, `shots` and `val_split` must be left at their defaults.
-
-    `checkpoint` is a file to save resumable state to after every epoch (and every `checkpoint_every`
-    steps); `resume=True` continues from it. Under torchrun, every process calls fit() and gets the same
-    adapter; only rank 0 should save it (`adaclip fit` does this).
-    """
-    # Everything that can be refused is refused here, before the backbone is built or a step is taken.
-    check_seed(seed)
-    check_count(workers, "--workers", minimum=0, optional=True)
-    created_at_now()  # a SOURCE_DATE_EPOCH that is not a time fails now, not at save
-    if checkpoint is not None:
-        check_output_path(checkpoint, force=True)
-    overrides = _merge_train_overrides({**(config or {}), **settings}, epochs=epochs, batch_size=batch_size, lr=lr)
-    method_config = make_method_config(method, overrides)
-    template_list = resolve_templates(templates)
-    if isinstance(data, TrainingData):
-        if classes is not None or shots is not None or val_split != "auto":
-            raise UsageError("classes, shots and val_split are already chosen in the TrainingData given")
-        training_data = data
-    else:
-        training_data = prepare_training_data(data, classes_file=classes, shots=shots, seed=seed, val_split=val_split)
-    for note in training_data.notes:
-        log.warning(note)
-    check_classes_readable(training_data)
-    dist_ctx = context_from_env()
-    if not dist_ctx.is_main:
-        log.configure(quiet=True)  # one voice: rank 0 reports for all processes
-    if isinstance(backbone, Backbone):
-        backbone_obj = backbone
-    else:
-        torch_device = device_for_rank(dist_ctx, select_device(device))
-        backbone_obj = create_backbone(
-            backbone, pretrained, device=torch_device, precision=precision, cache_dir=cache_dir
-        )
-    init_distributed(dist_ctx, backbone_obj.device)
-    if deterministic:
-        use_deterministic_algorithms()
-    model = AdaptedCLIP(backbone_obj, method_config, training_data.class_names, template_list, seed=seed)
-    log.info(
-        f"{method}: {len(training_data.train)} training images, {len(training_data.class_names)} classes, "
-        f"{model.n_trainable():,} trainable parameters, validation: {training_data.val_source}"
-    )
-    policy = None
-    if checkpoint is not None:
-        fingerprint = {
-            "method": method,
-            "method_config": method_config.model_dump(mode="json"),
-            "seed": seed,
-            "files_digest": training_data.files_digest,
-            "class_names": training_data.class_names,
-            "templates": template_list,
-            "backbone": backbone_obj.identity.model_dump(mode="json", exclude={"checkpoint_hint"}),
-        }
-        policy = CheckpointPolicy(Path(checkpoint), checkpoint_every, resume, fingerprint)
-    elif resume:
-        raise UsageError("resume needs a checkpoint path")
-    metadata = AdapterMetadata(
-        created_at=created_at_now(),
-        backbone=backbone_obj.identity,
-        method=method,
-        method_config=method_config.model_dump(mode="json"),
-        class_names=training_data.class_names,
-        class_folders=training_data.folders,
-        templates=template_list,
-        preprocess=backbone_obj.preprocess,
-        seed=seed,
-        trainable_params=model.n_trainable(),
-        data=DataRecord(**training_data.describe()),
-    )
-    check_writable_metadata(metadata)  # what the file records must encode: known now, not after training
-    outcome = train(
-        model,
-        training_data,
-        seed=seed,
-        workers=workers,
-        dist_ctx=dist_ctx,
-        checkpoint=policy,
-        on_epoch_end=on_epoch_end,
-        on_step_end=on_step_end,
-    )
-    # Some heads create their parameters while training (Tip-Adapter-F's cache keys): count them after.
-    metadata = metadata.model_copy(
-        update={"created_at": created_at_now(), "training": outcome.record, "trainable_params": model.n_trainable()}
-    )
-    return Adapter(model, metadata, fit_seconds=outcome.seconds)
-
-
-def use_deterministic_algorithms() -> None:
-    """Ask torch for deterministic kernels (CUDA needs a cuBLAS workspace setting for that)."""
-    import os
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _merge_train_overrides(config: dict[str, Any] | None, **train_values: Any) -> dict[str, Any]:
-    merged = dict(config or {})
-    chosen = {k: v for k, v in train_values.items() if v is not None}
-    if chosen:
-        merged["train"] = {**(merged.get("train") or {}), **chosen}
-    return merged
-
-
-def zero_shot_adapter(
-    class_names: list[str] | str | Path,
-    *,
-    backbone: str | Backbone = DEFAULT_BACKBONE,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    templates: str | list[str] | None = "default",
-    device: str | None = None,
-    precision: str = "auto",
-    cache_dir: str | None = None,
-) -> Adapter:
-    """A zero-shot adapter for a list of class names (or a class file): nothing trained, a valid file."""
-    if isinstance(class_names, (str, Path)):
-        class_names = read_name_list(Path(class_names))
-    check_class_names(list(class_names), "the class list")
-    if len(class_names) < 2:
-        raise InputError("zero-shot classification needs at least 2 class names")
-    backbone_obj = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else create_backbone(backbone, pretrained, device=device, precision=precision, cache_dir=cache_dir)
-    )
-    template_list = resolve_templates(templates)
-    config = make_method_config("zeroshot")
-    model = AdaptedCLIP(backbone_obj, config, list(class_names), template_list)
-    metadata = AdapterMetadata(
-        created_at=created_at_now(),
-        backbone=backbone_obj.identity,
-        method="zeroshot",
-        method_config=config.model_dump(mode="json"),
-        class_names=list(class_names),
-        templates=template_list,
-        preprocess=backbone_obj.preprocess,
-        seed=0,
-        trainable_params=0,
-    )
-    return Adapter(model, metadata)
-
-
-def weights_source(header: AdapterMetadata, path: Path, pretrained: str | None = None) -> str:
-    """Where the backbone weights of an adapter come from: `pretrained` if given, else the recorded tag,
-    or for a local checkpoint the file where it was trained (its sha256 is checked once loaded).
-    Raises before any weights are read when that file is gone."""
-    if pretrained is not None:
-        return pretrained
-    if not header.backbone.checkpoint_sha256:
-        return header.backbone.pretrained
-    hint = header.backbone.checkpoint_hint
-    if not (hint and Path(hint).is_file()):
-        where = f", no longer at {hint}" if hint else ""
-        raise AdapterFileError(
-            f"this adapter was trained on a local checkpoint ({header.backbone.pretrained}{where})",
-            path=path,
-            fix=f"pass {arg('pretrained', '/path/to/that/checkpoint')}",
-        )
-    log.info(f"backbone weights: {hint}, where the adapter was trained (its sha256 is checked)")
-    return hint
-
-
-def load(
-    path: str | Path,
-    *,
-    backbone: Backbone | None = None,
-    pretrained: str | None = None,
-    device: str | None = None,
-    precision: str = "auto",
-    cache_dir: str | None = None,
-) -> Adapter:
-    """Read an adapter file, build its backbone (or check the given one matches) and restore its state.
-
-    `pretrained` replaces the recorded weights source (e.g. a local copy of the same checkpoint); a
-    checkpoint file must have the same sha256 as the one the adapter was trained with.
-    """
-    path = Path(path)
-    header = read_adapter_header(path)
-    method_config_class(header.method)  # unknown method -> clear error before any heavy work
-    config = make_method_config(header.method, header.method_config)
-    if backbone is None:
-        source = weights_source(header, path, pretrained)
-        backbone = create_backbone(
-            header.backbone.name, source, device=device, precision=precision, cache_dir=cache_dir
-        )
-    problem = header.backbone.mismatch(backbone.identity)
-    if problem:
-        raise AdapterFileError(
-            f"adapter was trained on {header.backbone.describe()} but the backbone given does not match: {problem}",
-            path=path,
-            fix="use the backbone and weights the adapter was trained with",
-        )
-    metadata, tensors = read_adapter_file(path)
-    with log.warnings_as_detail():  # what building the method warns about was said when it was fitted
-        model = AdaptedCLIP(backbone, config, metadata.class_names, metadata.templates, seed=metadata.seed)
-    model.adapt_to_state(tensors)
-    expected = model.adapter_state()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"adapter tensors do not fit {metadata.method} on this backbone "
-            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})",
-            path=path,
-        )
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise AdapterFileError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}",
-                path=path,
-            )
-        if tensor.dtype != expected[name].dtype:
-            raise AdapterFileError(f"tensor {name} is {tensor.dtype}, expected {expected[name].dtype}", path=path)
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return Adapter(model, metadata, source_name=path.name)

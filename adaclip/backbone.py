@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
+from .defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from .errors import BackboneUnavailableError, UsageError, arg
 from .identity import BackboneIdentity, PreprocessConfig
 from .ui import log
 
-DEFAULT_BACKBONE = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
 LITE_NAME = "lite"
 HF_HUB_PREFIX = "hf-hub:"  # open_clip's prefix for models (config + weights) in a Hugging Face Hub repo
 NETWORK_PROBE_SECONDS = 3.0

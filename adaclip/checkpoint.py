@@ -41,6 +41,21 @@ def checkpoint_path_for(output: str | Path) -> Path:
     return output.with_name(output.name + CHECKPOINT_SUFFIX)
 
 
+def check_checkpoint_path(output: str | Path, *, resume: bool, force: bool) -> Path:
+    """The checkpoint path of a fit writing `output`, checked before anything is read or built: an
+    interrupted run's checkpoint is continued (`resume`) or replaced (`force`), never silently lost."""
+    checkpoint = checkpoint_path_for(output)
+    if checkpoint.is_dir():
+        raise UsageError("the checkpoint path is a folder", path=checkpoint, fix="choose another -o")
+    if checkpoint.exists() and not resume and not force:
+        raise UsageError(
+            "a checkpoint of an interrupted run exists",
+            path=checkpoint,
+            fix="add --resume to continue it, or --force",
+        )
+    return checkpoint
+
+
 @dataclass
 class TrainingPosition:
     epoch: int = 0  # epochs completed

@@ -312,7 +312,7 @@ class Comparison:
     def run(self, method: str, seed: int, *, adapter_path: Path | None = None, resume: bool = False) -> RunResult:
         """Fit `method` with `seed`, score it on the test images; a failure is returned, not raised
         (except Ctrl-C). With `adapter_path` the adapter is kept there (checkpointed beside it)."""
-        from .adapter import fit
+        from .api import fit
         from .checkpoint import checkpoint_path_for
         from .training import TrainingInterrupted
 

@@ -3,11 +3,13 @@
 - `open_regular`: opens a file for reading without ever blocking on a FIFO or a device, and refuses
   anything that is not a regular file.
 - `read_text_file`: a small text file the user named (a class list, a token), or one line saying why not.
+- `is_image_file`: whether a path names an image, by its extension (the image files of input folders).
 - `check_output_path`: everything about an output path that can be known before work starts (not a
   folder, not an input, its folder exists and is writable), so a bad `-o` fails in a second, not
   after training.
 - `claim_output`: an advisory lock beside the output, so that a second command writing the same file
   fails at its start instead of both training and one overwriting the other.
+- `checked_output`: both, as the commands use them for every file they write.
 - `atomic_write`: temp file + fsync + rename with the permissions a normal write would give; OS
   errors become one line naming the user's path.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from .errors import AdaclipError, InputError, UsageError
 
 LOCK_SUFFIX = ".lock"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Errors that mean "this path cannot be written": the user can fix them by choosing another (exit 2).
 # The rest (no space, I/O error, quota) are runtime failures (exit 1).
@@ -36,6 +39,11 @@ def os_error(exc: OSError, action: str, path: str | Path) -> AdaclipError:
     reason = exc.strerror or str(exc)
     error_type = UsageError if exc.errno in _PATH_ERRORS else AdaclipError
     return error_type(f"cannot {action} ({reason})", path=path)
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with an image extension (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def file_kind(mode: int) -> str:
@@ -110,8 +118,6 @@ def check_output_path(
     or a folder that does not take new files (read-only, no permission). A small probe file proves the
     last one, which also covers read-only mounts and root's exemption from permission bits. `what` and
     `option` name the output in messages (e.g. "log file", "--log-jsonl")."""
-    from .images import is_image_file
-
     path = Path(path)
     if path.is_dir():
         raise UsageError("output path is a folder", path=path, fix="give a file name, e.g. -o pets.adaclip")
@@ -138,6 +144,29 @@ def check_output_path(
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+@contextlib.contextmanager
+def checked_output(
+    path: str | Path | None,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | Path] = (),
+    what: str = "output file",
+    option: str = "-o",
+    lock: bool = True,
+) -> Iterator[Path | None]:
+    """The check a command runs on each file it will write, before any work: `check_output_path`,
+    then, with `lock`, `claim_output` until the block ends. No path (the option not given): nothing."""
+    if path is None:
+        yield None
+        return
+    path = check_output_path(path, force=force, inputs=inputs, what=what, option=option)
+    if not lock:
+        yield path
+        return
+    with claim_output(path):
+        yield path
 
 
 @contextlib.contextmanager

@@ -17,16 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UnreadableImageError
 from .files import NotRegularFileError, open_regular
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
 # Decompression-bomb guard. Pillow's own limit (~179 MP) raises; ours is lower and configurable so that a
 # crafted PNG cannot take gigabytes of memory, while real 100-megapixel photos still open.
 DEFAULT_MAX_PIXELS = 120_000_000
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a visible file with an image extension (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: BinaryIO | None = None) -> Image.Image:

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .errors import UsageError
-from .methods import BuildContext, Head, HeadOutput, MethodConfig
+from .methods import BuildContext, Head, HeadOutput, MethodConfig, StepContext
 
 
 class AdaptedCLIP(nn.Module):
@@ -264,36 +263,3 @@ class AdaptedCLIP(nn.Module):
 def _detach_all(components: list) -> None:
     for component in components:
         component.detach()
-
-
-@dataclass
-class StepContext:
-    """One training step's tensors, and lazy frozen references for consistency losses."""
-
-    model: AdaptedCLIP
-    pixels: torch.Tensor | None
-    labels: torch.Tensor
-    image_features: torch.Tensor
-    class_features: torch.Tensor
-    logits: torch.Tensor
-    reference_image_features: torch.Tensor | None = None
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def zero_shot_image_features(self) -> torch.Tensor:
-        """Cached references when the loop has them; the features themselves when the image tower is
-        frozen; otherwise one extra forward pass with every component bypassed."""
-        if self.reference_image_features is None:
-            if self.model.image_tower_frozen:
-                self.reference_image_features = self.image_features.detach()
-            elif self.pixels is None:
-                raise ValueError("zero-shot image features need the step's pixels")
-            else:
-                self.reference_image_features = self.model.zero_shot_image_features(self.pixels)
-        return self.reference_image_features
-
-    def zero_shot_class_features(self) -> torch.Tensor:
-        return self.model.zero_shot_class_features()
-
-    def zero_shot_logits(self) -> torch.Tensor:
-        scale = self.model.backbone.logit_scale
-        return scale * self.zero_shot_image_features() @ self.zero_shot_class_features().t()

@@ -157,6 +157,21 @@ def require_matplotlib() -> None:
     _pyplot()
 
 
+def check_report_paths(
+    report: Path | None, force: bool, inputs: Sequence[Path], option: str = "-o", png: bool = False
+) -> None:
+    """Before any work: the report (and with `png` its PNG files) can be written, nothing the user has
+    is overwritten without `force`, and matplotlib is installed (`compare --report`, `report`)."""
+    from .files import check_output_path
+
+    if report is None:
+        return
+    require_matplotlib()
+    check_output_path(report, force=force, inputs=inputs, what="report file", option=option)
+    for key in PNG_SECTIONS if png else ():
+        check_output_path(png_path(report, key), force=force, inputs=inputs, what="plot file", option=option)
+
+
 def _pyplot():
     try:
         import matplotlib

@@ -59,7 +59,7 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
 
 def measure(args: argparse.Namespace) -> dict:
     from adaclip.adapter import Adapter
-    from adaclip.adapter_file import AdapterMetadata, created_at_now
+    from adaclip.api import adapter_metadata
     from adaclip.backbone import create_backbone
     from adaclip.methods import make_method_config
     from adaclip.model import AdaptedCLIP
@@ -142,18 +142,7 @@ def measure(args: argparse.Namespace) -> dict:
     record["predict_images_per_second"] = args.predict_batch_size / seconds
 
     # --- adapter file size ------------------------------------------------------------------------
-    metadata = AdapterMetadata(
-        created_at=created_at_now(),
-        backbone=backbone.identity,
-        method=args.method,
-        method_config=config.model_dump(mode="json"),
-        class_names=classes,
-        templates=["a photo of a {}."],
-        preprocess=backbone.preprocess,
-        seed=0,
-        trainable_params=model.n_trainable(),
-    )
-    adapter = Adapter(model, metadata)
+    adapter = Adapter(model, adapter_metadata(model, seed=0))
     with tempfile.TemporaryDirectory() as tmp:
         path = adapter.save(Path(tmp) / "bench.adaclip")
         record["adapter_file_bytes"] = path.stat().st_size
@@ -186,7 +175,7 @@ def _tta_throughput(adapter, folder: Path, size: int, args: argparse.Namespace) 
     ):
         settings = make_tta_settings(mode=mode, batch_size=args.predict_batch_size)
         try:
-            run = TestTimeAdaptation(adapter, settings)
+            run = TestTimeAdaptation(adapter.model, settings)
         except UsageError:  # a head that scores with its own weights (linear-probe...): no mask to adapt
             record[f"tta_{mode}_images_per_second"] = None
             continue

@@ -390,7 +390,7 @@ def test_unaugmented_reference_mismatches_the_crop(dataset, tiny_backbone, monke
 def test_logit_consistency_uses_promptsrc_reduction(tiny_backbone):
     """KL(zero-shot || adapted) summed over batch and classes and divided by B * K, as PromptSRC's
     trainer does; written here in plain torch from that formula."""
-    from adaclip.model import StepContext
+    from adaclip.methods import StepContext
 
     classes = ["a", "b", "c", "d", "e"]
     model = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, ["{}"])

@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 from typer.testing import CliRunner
 
 from adaclip.cli import app
 
+from .cli_run import run_cli, start_cli
 from .conftest import TINY
 
 runner = CliRunner()
@@ -191,37 +190,11 @@ def test_debug_shows_traceback(capsys):
 
 @pytest.mark.slow
 def test_real_subprocess_round_trip(dataset, tmp_path):
-    env = dict(os.environ, ADACLIP_NO_PROGRESS="1")
     out = tmp_path / "zs.adaclip"
-    fit = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaclip",
-            "fit",
-            str(dataset),
-            "-m",
-            "zeroshot",
-            "-o",
-            str(out),
-            "-f",
-            "json",
-            *TINY_ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    fit = run_cli("fit", dataset, "-m", "zeroshot", "-o", out, "-f", "json", *TINY_ARGS, timeout=300)
     assert fit.returncode == 0, fit.stderr
     assert json.loads(fit.stdout)["output"] == str(out)
-    bad = subprocess.run(
-        [sys.executable, "-m", "adaclip", "eval", str(out), str(tmp_path / "nowhere")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    bad = run_cli("eval", out, tmp_path / "nowhere", timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
 
@@ -230,11 +203,8 @@ def test_real_subprocess_round_trip(dataset, tmp_path):
 def test_closed_pipe_exits_quietly_with_0(probe_file, dataset):
     """`adaclip predict ... | head -1`: the reader leaves early; exit 0 with nothing on stderr but logs."""
     folder = str(dataset / "test")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "adaclip", "predict", str(probe_file), *[folder] * 6, "-f", "jsonl", "-q"]
-        + ["--batch-size", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    process = start_cli(
+        "predict", probe_file, *[folder] * 6, "-f", "jsonl", "-q", "--batch-size", "2", stdout=PIPE, stderr=PIPE
     )
     first = process.stdout.readline()
     process.stdout.close()
@@ -249,13 +219,7 @@ def test_predict_on_only_missing_paths_prints_no_empty_table(probe_file, tmp_pat
 
 
 def test_help_paragraphs_reflow_to_the_terminal(monkeypatch):
-    result = subprocess.run(
-        [sys.executable, "-m", "adaclip", "fit", "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        timeout=60,
-    )
+    result = run_cli("fit", "--help", env={"COLUMNS": "200"}, timeout=60)
     assert "a crash, the same command with --resume finishes" in result.stdout  # one line, not broken mid-sentence
 
 
@@ -265,3 +229,28 @@ def test_summary_tables_round_for_people(probe_file):
     from adaclip.output import _summary_cell
 
     assert [_summary_cell(v).plain for v in (461.53, 2.0, 0.12345)] == ["461.53", "2", "0.1235"]
+
+
+def test_help_shows_placeholders_in_angle_brackets_literally():
+    """Help is markdown, where <class> reads as an HTML tag and vanished ("root//")."""
+    result = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert "root/<class>/<image>" in result.stdout and "(default: <folder>.<method>.adaclip)" in result.stdout
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert "(default: <adapter>.report.html)" in result.stdout
+
+
+def test_an_option_group_gives_every_command_that_names_it_its_options(probe_file, tmp_path):
+    """LoadOptions is declared once; predict, eval, tta and report all take its options, and a value
+    given on the command line reaches the load (a bad --precision is refused by it)."""
+    from typer.main import get_command
+
+    from adaclip.cli.options import LoadOptions
+
+    commands = get_command(app).commands
+    wanted = {"--pretrained", "--device", "--precision", "--cache-dir"}
+    assert len(LoadOptions.parameters()) == len(wanted)
+    for name in ("predict", "eval", "tta", "report"):
+        declared = {opt for param in commands[name].params for opt in param.opts}
+        assert wanted <= declared, name
+    result = cli("predict", str(probe_file), str(tmp_path), "--precision", "fp8")
+    assert result.exit_code == 2 and "fp8" in result.stderr

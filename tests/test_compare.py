@@ -127,16 +127,16 @@ def test_recommendation_follows_validation_never_test(dataset):
 
 def make_fit_fail(monkeypatch, method: str, error: Exception) -> None:
     """compare's fit raises `error` for `method` and fits every other method for real."""
-    import adaclip.adapter
+    import adaclip.api
 
-    real_fit = adaclip.adapter.fit
+    real_fit = adaclip.api.fit
 
     def fit(data, name, **kwargs):
         if name == method:
             raise error
         return real_fit(data, name, **kwargs)
 
-    monkeypatch.setattr(adaclip.adapter, "fit", fit)
+    monkeypatch.setattr(adaclip.api, "fit", fit)
 
 
 def test_a_failing_method_is_a_failed_row_while_the_others_finish(dataset, tiny_backbone, monkeypatch):
@@ -255,9 +255,9 @@ def test_bad_options_fail_before_work(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(dataset, tiny_backbone, tmp_path, monkeypatch):
-    import adaclip.adapter
+    import adaclip.api
 
-    real_fit = adaclip.adapter.fit
+    real_fit = adaclip.api.fit
     fitted: list[tuple[str, int]] = []
     interrupts = [1]  # one Ctrl-C, in the 4th run
 
@@ -269,7 +269,7 @@ def test_resume_skips_finished_runs_and_ctrl_c_keeps_them(dataset, tiny_backbone
         fitted.append((method, kwargs["seed"]))
         return real_fit(data, method, **kwargs)
 
-    monkeypatch.setattr(adaclip.adapter, "fit", fit)
+    monkeypatch.setattr(adaclip.api, "fit", fit)
     out = tmp_path / "runs"
     methods = ["zeroshot", "tip-adapter"]
     with pytest.raises(ComparisonInterrupted, match="interrupted after 3 of 4 runs; 3 finished run"):
@@ -425,16 +425,16 @@ def test_accuracy_benchmark_base_to_new_trains_on_its_base_classes(tiny_backbone
 
 
 def test_cli_ctrl_c_exits_130_in_one_line_keeping_finished_runs(dataset, tmp_path, monkeypatch):
-    import adaclip.adapter
+    import adaclip.api
 
-    real_fit = adaclip.adapter.fit
+    real_fit = adaclip.api.fit
 
     def fit(data, method, **kwargs):
         if method == "tip-adapter":
             raise KeyboardInterrupt
         return real_fit(data, method, **kwargs)
 
-    monkeypatch.setattr(adaclip.adapter, "fit", fit)
+    monkeypatch.setattr(adaclip.api, "fit", fit)
     out = tmp_path / "runs"
     result = runner.invoke(
         app, ["compare", str(dataset), "-m", "zeroshot,tip-adapter", "--seeds", "1", "--out-dir", str(out), *TINY_ARGS]

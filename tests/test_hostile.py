@@ -16,7 +16,6 @@ import signal
 import stat
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from adaclip.adapter_file import read_adapter_header
 from adaclip.cli import app
 from adaclip.errors import AdaclipError
 
+from .cli_run import run_cli, start_cli
 from .conftest import TINY, make_folder
 
 TINY_ARGS = ["--backbone", TINY, "--pretrained", "none", "--device", "cpu"]
@@ -48,10 +48,6 @@ def one_error_line(result, code: int = 2) -> str:
     return lines[-1]
 
 
-def _env(**extra) -> dict[str, str]:
-    return dict(os.environ, ADACLIP_NO_PROGRESS="1", OMP_NUM_THREADS="1", **extra)
-
-
 @pytest.fixture(scope="module")
 def zs_file(dataset, tiny_backbone, tmp_path_factory) -> Path:
     return adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone).save(tmp_path_factory.mktemp("zs") / "zs.adaclip")
@@ -60,12 +56,12 @@ def zs_file(dataset, tiny_backbone, tmp_path_factory) -> Path:
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if training starts: the checks under test must come first."""
-    import adaclip.adapter
+    import adaclip.api
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the bad input was refused")
 
-    monkeypatch.setattr(adaclip.adapter, "train", refuse)
+    monkeypatch.setattr(adaclip.api, "train", refuse)
 
 
 def _small_data(root: Path, per_class: int = 6) -> Path:
@@ -140,24 +136,12 @@ def test_fifos_are_skipped_or_refused_not_waited_on(zs_file, dataset, tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(dataset / "test" / "red_circle", folder)
     os.mkfifo(folder / "pipe.png")
-    run = subprocess.run(
-        [sys.executable, "-m", "adaclip", "predict", str(zs_file), str(folder), "-f", "jsonl"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=120,
-    )
+    run = run_cli("predict", zs_file, folder, "-f", "jsonl")
     assert run.returncode == 0, run.stderr
     assert len(run.stdout.splitlines()) == 6 and "skipped 1 unreadable" in run.stderr
     assert "not a regular file" in run.stderr
     os.mkfifo(tmp_path / "pipe.adaclip")
-    run = subprocess.run(
-        [sys.executable, "-m", "adaclip", "info", str(tmp_path / "pipe.adaclip")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=120,
-    )
+    run = run_cli("info", tmp_path / "pipe.adaclip")
     assert run.returncode == 2 and "not a regular file" in run.stderr and "pipe.adaclip" in run.stderr
 
 
@@ -178,13 +162,7 @@ def test_a_fifo_as_class_file_or_token_file_is_refused_not_waited_on(zs_file, da
     else:
         pytest.importorskip("uvicorn")
         args = ["serve", str(zs_file), "--port", "0", "--device", "cpu"]
-    run = subprocess.run(
-        [sys.executable, "-m", "adaclip", *args, option, str(fifo)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,  # a read that blocks on the pipe would never end
-    )
+    run = run_cli(*args, option, fifo, timeout=60)  # a read that blocks on the pipe would never end
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert "named pipe" in lines[0] and str(fifo) in lines[0], lines
@@ -472,14 +450,6 @@ def test_a_class_with_only_unreadable_images_is_refused(tmp_path, no_training):
     assert "'dog'" in line and "all 6" in line
 
 
-def _started_child(command: list[str], **kwargs) -> subprocess.Popen:
-    """A child with SIGINT at its default, as under a terminal's Ctrl-C (a shell's background job would
-    otherwise pass it on ignored)."""
-    return subprocess.Popen(
-        command, env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs
-    )
-
-
 def _wait_for_mapped_library(process: subprocess.Popen, name: str, timeout: float = 120) -> bool:
     """Whether the child mapped a shared library whose path contains `name` (read from /proc, so the
     product needs no test hook to say where its start-up is)."""
@@ -511,8 +481,8 @@ def test_ctrl_c_during_the_torch_import_exits_130_with_one_line(dataset, tmp_pat
     CPython would turn a KeyboardInterrupt caught inside an exec()'d string into death by SIGINT)."""
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs /proc to see when the child loads libtorch")
-    command = [sys.executable, "-m", "adaclip", "fit", str(dataset), "-m", "linear-probe", *TINY_CLI_FOR(tmp_path)]
-    process = _started_child(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = ["fit", dataset, "-m", "linear-probe", *TINY_CLI_FOR(tmp_path)]
+    process = start_cli(*command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert _wait_for_mapped_library(process, "libtorch_cpu"), "the child never loaded torch"
         time.sleep(after_import_began)
@@ -553,9 +523,7 @@ def test_ctrl_c_while_the_console_script_imports_exits_130_with_one_line(tmp_pat
         + f"from {module_name} import {function}\n"
         + f"sys.exit({function}())\n"
     )
-    process = _started_child(
-        [sys.executable, str(tmp_path / "start.py"), module], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    process = start_cli(module, entry=[str(tmp_path / "start.py")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _assert_interrupted(process, module)
 
 
@@ -571,8 +539,9 @@ def test_a_keyboard_interrupt_caught_from_exec_still_exits_130(tmp_path):
         "from adaclip.__main__ import main\n"
         "main()\n"
     )
-    process = _started_child(
-        [sys.executable, "-m", "interrupted_entry", "methods"],
+    process = start_cli(
+        "methods",
+        entry=["-m", "interrupted_entry"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -588,15 +557,18 @@ def TINY_CLI_FOR(tmp_path: Path) -> list[str]:
 def test_a_second_fit_to_the_same_output_fails_at_start(dataset, tmp_path):
     out = tmp_path / "shared.adaclip"
     checkpoint = Path(str(out) + ".ckpt")
-    command = [sys.executable, "-m", "adaclip", "fit", str(dataset), "-m", "linear-probe", "-o", str(out)]
+    command = ["fit", dataset, "-m", "linear-probe", "-o", out]
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log_file:
-        first = subprocess.Popen(
-            command + ["--epochs", "100000", "--val-split", "0", *TINY_ARGS],
+        first = start_cli(
+            *command,
+            "--epochs",
+            "100000",
+            "--val-split",
+            "0",
+            *TINY_ARGS,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
-            env=_env(),
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 120
@@ -604,9 +576,7 @@ def test_a_second_fit_to_the_same_output_fails_at_start(dataset, tmp_path):
             time.sleep(0.1)
         assert checkpoint.exists(), log_path.read_text()[-3000:]
         for extra in ([], ["--force"], ["--resume"]):
-            second = subprocess.run(
-                command + ["--epochs", "1", *extra, *TINY_ARGS], capture_output=True, text=True, env=_env(), timeout=120
-            )
+            second = run_cli(*command, "--epochs", "1", *extra, *TINY_ARGS)
             assert second.returncode == 2, second.stderr
             assert "another" in second.stderr and str(out) in second.stderr, second.stderr
             assert checkpoint.exists() and not out.exists()

@@ -331,7 +331,7 @@ def test_episodic_tta_matches_reference_tpt_loop(dataset, tmp_path, tiny_backbon
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "a.png")
     adapter = adaclip.fit(dataset, method="rada", backbone=tiny_backbone, epochs=1, val_split=0)
     settings = make_tta_settings(mode="episodic", views=64, steps=4, lr=0.02)
-    run = TestTimeAdaptation(adapter, settings)
+    run = TestTimeAdaptation(adapter.model, settings)
     g = torch.Generator().manual_seed(5)
     view_features = F.normalize(torch.randn(64, tiny_backbone.embed_dim, generator=g), dim=-1)
     run.model.image_features = lambda pixels: view_features  # fixed views: the parity is of the loop

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +20,11 @@ from adaclip.adapter_file import read_adapter_file, write_adapter_file
 from adaclip.errors import AdapterFileError
 from adaclip.training import TrainingInterrupted
 
+from .cli_run import run_cli, start_cli
 from .conftest import TINY, make_folder
 
 RING = {"blocks": "all", "ranks": [2, 4]}
 TINY_CLI = ["-b", TINY, "-p", "none", "--device", "cpu"]
-
-
-def _env(**extra) -> dict[str, str]:
-    return dict(os.environ, ADACLIP_NO_PROGRESS="1", OMP_NUM_THREADS="1", **extra)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -105,20 +101,19 @@ def test_resume_refuses_a_checkpoint_of_another_run(dataset, tiny_backbone, tmp_
 def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, tmp_path):
     out = tmp_path / "long.adaclip"
     checkpoint = tmp_path / "long.adaclip.ckpt"
-    command = [sys.executable, "-m", "adaclip", "fit", str(dataset), "-m", "linear-probe", "-o", str(out)]
+    command = ["fit", dataset, "-m", "linear-probe", "-o", out]
     # stderr goes to a file, not a pipe: a child blocked on a full pipe (one log line per epoch) would
     # test the pipe, not the interrupt. PYTHONFAULTHANDLER lets SIGABRT dump every thread if it hangs.
-    # The child starts with SIGINT at its default, as under a terminal's Ctrl-C: a test run started in the
-    # background (`make test &`, nohup) inherits SIGINT ignored, and Python then never raises
-    # KeyboardInterrupt, which is what made this test time out twice.
+    # The child starts with SIGINT at its default (start_cli): a test run started in the background
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt (this test timed out twice).
     log_path = tmp_path / "fit-stderr.log"
     with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            command + ["--epochs", "100000", "--val-split", "0", *TINY_CLI],
+        process = start_cli(
+            *command,
+            *["--epochs", "100000", "--val-split", "0", *TINY_CLI],
             stdout=subprocess.DEVNULL,
             stderr=log_file,
-            env=_env(PYTHONFAULTHANDLER="1"),
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            env={"PYTHONFAULTHANDLER": "1"},
         )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -139,7 +134,7 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
     assert "--resume" in stderr and "Traceback" not in stderr
     assert checkpoint.exists() and not out.exists()  # no partial adapter under the final name
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    again = subprocess.run(command + TINY_CLI, capture_output=True, text=True, env=_env(), timeout=120)
+    again = run_cli(*command, *TINY_CLI)
     assert again.returncode == 2 and "--resume" in again.stderr  # a new run does not silently discard it
 
 
@@ -148,34 +143,13 @@ def test_ctrl_c_during_cli_fit_keeps_checkpoint_and_says_how_to_resume(dataset, 
 
 @pytest.mark.slow
 def test_same_seed_gives_byte_identical_adapter_files(dataset, tmp_path):
-    env = _env(SOURCE_DATE_EPOCH="1700000000")
     paths = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.adaclip"
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "adaclip",
-                "fit",
-                str(dataset),
-                "-m",
-                "adaring",
-                "-o",
-                str(out),
-                "--epochs",
-                "2",
-                "--seed",
-                "11",
-                "--set",
-                "blocks=all",
-                "--set",
-                "ranks=[2]",
-                *TINY_CLI,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
+        run = run_cli(
+            *["fit", dataset, "-m", "adaring", "-o", out, "--epochs", "2", "--seed", "11"],
+            *["--set", "blocks=all", "--set", "ranks=[2]", *TINY_CLI],
+            env={"SOURCE_DATE_EPOCH": "1700000000"},
             timeout=300,
         )
         assert run.returncode == 0, run.stderr
@@ -215,39 +189,13 @@ def test_two_gloo_processes_match_one_process(dataset, tmp_path, method, setting
         *TINY_CLI,
     ]
     single = tmp_path / "single.adaclip"
-    run = subprocess.run(
-        [sys.executable, "-m", "adaclip", *common, "-o", str(single)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
+    run = run_cli(*common, "-o", single, timeout=300)
     assert run.returncode == 0, run.stderr
     double = tmp_path / "double.adaclip"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "adaclip",
-            *common,
-            "-o",
-            str(double),
-            "-f",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(),
+    run = run_cli(
+        *["--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", _free_port()],
+        *["-m", "adaclip", *common, "-o", double, "-f", "json"],
+        entry=["-m", "torch.distributed.run"],
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -395,13 +343,8 @@ def test_predict_10000_stdin_paths_keeps_going_past_bad_files(dataset, tiny_back
     model = adaclip.fit(dataset, "zeroshot", backbone=tiny_backbone).save(tmp_path / "zs.adaclip")
     good = sorted((dataset / "test").rglob("*.png"))[:10]
     lines = [str(good[i % 10]) if i % 1000 == 0 else str(tmp_path / f"missing_{i}.png") for i in range(10_000)]
-    run = subprocess.run(
-        [sys.executable, "-m", "adaclip", "predict", str(model), "-", "-f", "jsonl", "--batch-size", "256"],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
+    run = run_cli(
+        "predict", model, "-", "-f", "jsonl", "--batch-size", "256", input="\n".join(lines) + "\n", timeout=600
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(run.stdout.splitlines()) == 10

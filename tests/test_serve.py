@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +24,8 @@ from adaclip.serve import AdapterSet, ServeSettings, Service, create_app, load_a
 from adaclip.serve.batching import Batcher, HeadRequest, Job, QueueFull
 from adaclip.serve.inputs import Upload
 from adaclip.serve.metrics import ServeMetrics
+
+from .cli_run import start_cli
 
 TOKEN = "serve-test-token-0123456789"
 FROZEN = ("zs", "probe", "tip", "coop", "rada")  # methods whose image tower is frozen
@@ -455,13 +455,7 @@ def test_serve_command_end_to_end_and_sighup_reload(adapter_files, dataset, tiny
     set when a file is broken), and stops cleanly on SIGTERM."""
     served = tmp_path / "model.adaclip"
     served.write_bytes(adapter_files["zs"].read_bytes())
-    env = {**os.environ, "ADACLIP_NO_PROGRESS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "adaclip", "serve", f"m={served}", "--port", "0", "--device", "cpu"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = start_cli("serve", f"m={served}", "--port", "0", "--device", "cpu", stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
     reader.start()

@@ -4,9 +4,6 @@ open_clip (they cost seconds); shell completion offers method names and formats.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,8 @@ from adaclip.adapter_file import AdapterMetadata, write_adapter_file
 from adaclip.identity import BackboneIdentity, PreprocessConfig
 from adaclip.method_catalog import builtin_methods
 from adaclip.methods import method_registry
+
+from . import cli_run
 
 HEAVY = ("torch", "torchvision", "open_clip", "matplotlib")
 # Runs the CLI in a fresh interpreter and reports which heavy top-level modules it imported.
@@ -33,13 +32,7 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 
 
 def run_cli(*args: str, env: dict | None = None) -> tuple[dict, str]:
-    result = subprocess.run(
-        [sys.executable, "-c", DRIVER, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    result = cli_run.run_cli(*args, env=env, entry=["-c", DRIVER])
     report = json.loads(result.stderr.strip().splitlines()[-1])
     return report, result.stdout
 

@@ -161,7 +161,7 @@ def test_methods_without_a_masked_variant_adapt_but_cannot_be_saved(dataset, tin
     result = lora.tta(shifted[0], mode="online", batch_size=8)
     assert result.n_images == 24 and result.adapter is None and result.record["source_method"] == "lora"
     with pytest.raises(UsageError, match="no registered method adds RAda's mask to 'lora'"):
-        output_method(lora)
+        output_method(lora.model)
 
 
 def test_labels_from_folders_and_bad_labels(rada_adapter, dataset, tmp_path):
@@ -322,3 +322,29 @@ def test_episodic_views_are_seeded_per_image():
     settings = TTASettings()
     assert (settings.min_crop_scale, settings.effective_weight_decay, settings.views) == (0.08, 0.01, 64)
     assert TTASettings(mode="online").diversity_momentum == 0.0  # SHOT's batch-mean marginal
+
+
+def test_mask_capabilities_declared_by_each_method_match_the_head_it_builds(tiny_backbone):
+    """TTA reads what a method can do from its config's class variables (has_mask, can_hold_mask,
+    masked_variant), not from its name or head class: each declaration must match what it builds."""
+    from adaclip.methods import CosineHead, make_method_config, method_registry
+    from adaclip.methods.rada import RationalMaskHead
+    from adaclip.model import AdaptedCLIP
+
+    registry = method_registry()
+    for name, method in registry.items():
+        config = make_method_config(name, {"n_ctx": 4} if name == "coop" else {})  # the tiny text tower is short
+        head = AdaptedCLIP(tiny_backbone, config, ["a", "b"], ["a photo of a {}."]).head
+        assert method.has_mask == isinstance(head, RationalMaskHead), name
+        assert method.can_hold_mask == (type(head) in (CosineHead, RationalMaskHead)), name
+        if method.masked_variant is not None:
+            assert registry[method.masked_variant].has_mask, name
+        assert method.has_merged_form == ("merged" in method.model_fields), name
+    assert {n for n, m in registry.items() if m.masked_variant} == {
+        "zeroshot",
+        "full-ft",
+        "adaring",
+        "rada",
+        "rada-ft",
+        "adaring+rada",
+    }

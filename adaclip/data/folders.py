@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from ..images import IMAGE_EXTENSIONS, is_image_file
+from ..files import IMAGE_EXTENSIONS, is_image_file
 from .classes import check_class_names, class_name_from_folder, read_class_file
 from .records import SPLIT_NAMES, ImageFolder, LabelledImage, record_name
 

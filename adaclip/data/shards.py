@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, arg
-from ..images import IMAGE_EXTENSIONS
+from ..files import IMAGE_EXTENSIONS
 from .classes import classes_from_labels, label_lookup
 from .loading import ImageBytes
 from .records import ImageFolder, LabelledImage, TarSpan

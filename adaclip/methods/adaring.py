@@ -55,11 +55,13 @@ from torch import nn
 from ..errors import UsageError
 from ..inject import Block, BlockSelection, ParallelBranchHook
 from ..tensor_ring import TensorRing, balanced_factors
-from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
+from .base import Component, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..model import StepContext
+    from .contexts import StepContext
 
 _ACTIVATIONS = {"identity": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -104,6 +106,8 @@ class AdaRingSettings(BlockSelection):
 class AdaRingConfig(AdaRingSettings, MethodConfig):
     name: ClassVar[str] = "adaring"
     summary: ClassVar[str] = "cross-layer tensor-ring adapters in both encoders (ultra-light)"
+    has_merged_form: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "adaring+rada"
 
     # AdamW with one warm-up epoch and cosine decay (the few-shot adapter recipe of CLIP-Adapter / MMA);
     # lr 1e-2 chosen on a Fashion-MNIST validation split (docs/tuning.md: 2e-3 underfits in 10 epochs).

@@ -1,4 +1,4 @@
-"""The building blocks every method is made of, and the registry that names methods.
+"""The building blocks every method is made of (the registry that names methods is methods.registry).
 
 A method is a pydantic config (registered by name) whose `build()` returns `Parts`:
 
@@ -14,7 +14,6 @@ code are shared. Composite methods (e.g. `adaring+rada`) reuse the parts of thei
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -24,7 +23,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..model import StepContext
+    from .contexts import BuildContext, StepContext
 
 
 class TrainConfig(BaseModel):
@@ -99,6 +98,18 @@ class MethodConfig(BaseModel):
     class_agnostic: ClassVar[bool] = True
     # True when every weight of the backbone trains (hours on a CPU): `compare` runs it only on request.
     tunes_whole_backbone: ClassVar[bool] = False
+    # True when the config has a `merged` setting: `export --merged` stores the precomputed form.
+    has_merged_form: ClassVar[bool] = False
+    # Test-time adaptation (adaclip.tta) adapts RAda's mask, which weighs image-class feature similarities.
+    # True when this method's head is RAda's mask: TTA adapts that mask.
+    has_mask: ClassVar[bool] = False
+    # True when a mask can weigh this method's scores: its head is CLIP's cosine similarity of image and
+    # class features (a fresh mask starts at identity) or the mask itself; False for heads with their own
+    # classifier weights.
+    can_hold_mask: ClassVar[bool] = True
+    # The registered method an adapter of this one becomes with RAda's mask (the file TTA writes; the
+    # method itself when `has_mask`); None when there is none.
+    masked_variant: ClassVar[str | None] = None
 
     train: TrainConfig = TrainConfig()
 
@@ -123,20 +134,6 @@ class MethodConfig(BaseModel):
 
     def build(self, ctx: BuildContext) -> Parts:
         raise NotImplementedError
-
-
-@dataclass
-class BuildContext:
-    """What a method may look at while building its parts."""
-
-    backbone: Backbone
-    class_names: list[str]
-    templates: list[str]
-    zero_shot_class_features: Callable[[], torch.Tensor]  # (K, D) normalised, frozen encoders
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
 
 
 @dataclass
@@ -259,26 +256,3 @@ class CosineHead(Head):
 class Parts:
     components: list[Component] = field(default_factory=list)
     head: Head = field(default_factory=CosineHead)
-
-
-# ------------------------------------------------------------------------------------------ registry
-
-_REGISTRY: dict[str, type[MethodConfig]] = {}
-
-
-def register_method(config_class: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make a method available by its `name` (CLI `--method`, adapter files)."""
-    name = config_class.name
-    if not name:
-        raise ValueError(f"{config_class.__name__} needs a `name`")
-    if name in _REGISTRY and _REGISTRY[name] is not config_class:
-        raise ValueError(f"method {name!r} is registered twice")
-    _REGISTRY[name] = config_class
-    return config_class
-
-
-def method_registry() -> dict[str, type[MethodConfig]]:
-    from . import _load_builtin_methods
-
-    _load_builtin_methods()
-    return dict(_REGISTRY)

@@ -33,7 +33,9 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import UsageError
-from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
+from .base import Component, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 if TYPE_CHECKING:
     from ..backbone import Backbone

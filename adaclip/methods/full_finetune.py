@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
+from .base import Component, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..model import StepContext
+    from .contexts import StepContext
 
 # Parameters that stay frozen even under full fine-tuning: the temperature (and SigLIP's bias).
 FROZEN_NAMES = ("logit_scale", "logit_bias")
@@ -152,6 +154,7 @@ class FullFineTuneConfig(MethodConfig):
 
     name: ClassVar[str] = "full-ft"
     tunes_whole_backbone: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada-ft"
     summary: ClassVar[str] = "full fine-tuning of both towers, cosine head (baseline; large adapter files)"
 
     objective: Literal["ce", "contrastive"] = Field(

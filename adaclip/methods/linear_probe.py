@@ -14,7 +14,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 
 class LinearProbeHead(Head):
@@ -35,6 +37,7 @@ class LinearProbeConfig(MethodConfig):
     name: ClassVar[str] = "linear-probe"
     summary: ClassVar[str] = "logistic regression on frozen image features, initialised from zero-shot"
     class_agnostic: ClassVar[bool] = False
+    can_hold_mask: ClassVar[bool] = False  # scores with its own weight matrix, not class features
 
     learn_scale: bool = Field(False, description="also learn a multiplier on CLIP's logit scale")
     # lr 1e-2 chosen on a Fashion-MNIST validation split (74.0% vs 66.3% at 1e-3; docs/tuning.md).

@@ -47,7 +47,9 @@ from torch import nn
 from ..errors import UsageError
 from ..inject import BlockSelection
 from ..ui import log
-from .base import BuildContext, Component, MethodConfig, Parts, TrainConfig, register_method
+from .base import Component, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 if TYPE_CHECKING:
     from ..backbone import Backbone

@@ -59,8 +59,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adaring import AdaRingConfig
-from .base import BuildContext, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
 from .full_finetune import FullFineTuneConfig
+from .registry import register_method
 
 # Score maps alive per image while a chunk runs forward and backward (two K x K score maps, their
 # softmaxes and gradients): the unit in which `memory_budget_mb` is spent.
@@ -211,6 +213,8 @@ class RAdaConfig(MethodConfig):
 
     name: ClassVar[str] = "rada"
     summary: ClassVar[str] = "RAda: attention mask over the rational matrix, frozen encoders (class-agnostic)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada"
 
     mask: RationalMaskConfig = RationalMaskConfig()
     # Reference recipe: Adam, wd 5e-4, cosine, 1 warm-up epoch, 5 epochs, batch 4, lr 3.5e-3, Dassl's
@@ -241,6 +245,8 @@ class RAdaFTConfig(FullFineTuneConfig):
 
     name: ClassVar[str] = "rada-ft"
     summary: ClassVar[str] = "RAda-FT: mask + full fine-tuning of both towers, FLYP-style (our reconstruction)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "rada-ft"
 
     objective: Literal["ce", "contrastive"] = Field(
         "contrastive", description="contrastive: FLYP-style (adds text -> image); ce: cross-entropy only"
@@ -262,6 +268,8 @@ class AdaRingRAdaConfig(AdaRingConfig):
 
     name: ClassVar[str] = "adaring+rada"
     summary: ClassVar[str] = "AdaRing adapters in both encoders + RAda's mask (class-agnostic)"
+    has_mask: ClassVar[bool] = True
+    masked_variant: ClassVar[str | None] = "adaring+rada"
 
     mask: RationalMaskConfig = RationalMaskConfig()
 

@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from .base import BuildContext, FeatureSet, Head, HeadOutput, MethodConfig, Parts, TrainConfig, register_method
+from .base import FeatureSet, Head, HeadOutput, MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 FINETUNE_EPOCHS = 20
 
@@ -63,6 +65,7 @@ class TipAdapterConfig(MethodConfig):
     name: ClassVar[str] = "tip-adapter"
     summary: ClassVar[str] = "training-free cache of few-shot image features (Tip-Adapter; -F with finetune=true)"
     class_agnostic: ClassVar[bool] = False
+    can_hold_mask: ClassVar[bool] = False  # adds its cache model's scores to the cosine logits
 
     alpha: float = Field(1.0, ge=0, description="weight of the cache logits (when nothing is searched)")
     beta: float = Field(5.5, gt=0, description="sharpness of the affinity exp(-beta (1 - f.k))")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import BuildContext, MethodConfig, Parts, TrainConfig, register_method
+from .base import MethodConfig, Parts, TrainConfig
+from .contexts import BuildContext
+from .registry import register_method
 
 
 @register_method
@@ -13,6 +15,7 @@ class ZeroShotConfig(MethodConfig):
     name: ClassVar[str] = "zeroshot"
     summary: ClassVar[str] = "zero-shot CLIP: class prompts vs image features, nothing trained"
     trainable: ClassVar[bool] = False
+    masked_variant: ClassVar[str | None] = "rada"
 
     train: TrainConfig = TrainConfig(epochs=0)
 

@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..adapter import Prediction
 from ..errors import AdaclipError
 from ..output import dumps
+from ..predictions import Prediction
 from ..ui import log
 from .batching import Batcher, HeadRequest, Job, JobResult, QueueFull, ShuttingDown
 from .inputs import ApiError, ClassifyRequest, PreparedImage, parse_classify

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import Prediction
+from ..predictions import Prediction
 from ..ui import log
 from .inputs import PreparedImage, Upload, prepare_images
 from .metrics import ServeMetrics

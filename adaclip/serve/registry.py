@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, Prediction, load, weights_source
+from ..adapter import Adapter
 from ..adapter_file import SUFFIX, read_adapter_header
+from ..api import load, weights_source
 from ..backbone import Backbone, BackboneIdentity
 from ..errors import UsageError
 from ..methods import method_config_class
+from ..predictions import Prediction
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ALL = "all"  # the one reserved name: every frozen-tower adapter
