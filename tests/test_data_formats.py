@@ -351,3 +351,48 @@ def test_compare_protocol_reads_every_kind(kinds, kind):
     else:  # the test split
         assert len(protocol.test) == N_TEST * len(CLASSES) and len(protocol.pool) == N_TRAIN * len(CLASSES)
     assert len(protocol.training_data(0).train) == 2 * len(CLASSES)
+
+
+@pytest.mark.slow
+def test_cli_round_trip_with_column_options_and_allow_absolute(kinds, images, tmp_path, monkeypatch):
+    """fit -> eval -> predict on the command line: a JSONL manifest with its own column names, then a
+    manifest of absolute paths that only --allow-absolute reads."""
+    from .test_cli import TINY_ARGS, cli
+
+    train_spec, test_spec, _, _ = kinds["jsonl"]
+    out = tmp_path / "m.adaclip"
+    columns = ["--path-column", "file", "--label-column", "y"]
+    fit = cli(
+        "fit",
+        train_spec,
+        "-m",
+        "linear-probe",
+        "--epochs",
+        "1",
+        "--val-split",
+        "0",
+        "-o",
+        str(out),
+        *columns,
+        *TINY_ARGS,
+    )
+    assert fit.exit_code == 0, fit.output
+    evaluation = cli("eval", str(out), test_spec, "--format", "json", "--device", "cpu")
+    assert evaluation.exit_code == 0, evaluation.output
+    assert json.loads(evaluation.stdout)["n_images"] == N_TEST * len(CLASSES)
+    absolute = write_csv(
+        tmp_path / "abs.csv",
+        [{"path": str(p), "label": p.parent.name} for p in sorted((images / "test").rglob("*.png"))],
+        ["path", "label"],
+    )
+    refused = cli("predict", str(out), str(absolute), "--format", "jsonl", "--device", "cpu")
+    assert refused.exit_code == 2 and "--allow-absolute" in refused.output
+    allowed = cli("predict", str(out), str(absolute), "--format", "jsonl", "--allow-absolute", "--device", "cpu")
+    assert allowed.exit_code == 0, allowed.output
+    assert len(allowed.stdout.splitlines()) == N_TEST * len(CLASSES)
+    monkeypatch.chdir(tmp_path)  # the adapter's default name is made in the working folder
+    shards = cli(
+        "fit", kinds["shards"][0], "-m", "linear-probe", "--epochs", "1", "--classes", kinds["shards"][3], *TINY_ARGS
+    )
+    assert shards.exit_code == 0, shards.output
+    assert (tmp_path / "train.linear-probe.adaclip").exists()  # named after the pattern, not "{000000..000001}"

@@ -375,7 +375,7 @@ def run_tta(
     """Adapt the mask of an adapter's `model` on the images under `folder` (recursive); see `Adapter.tta`.
     `class_folders` (the adapter's training folders) let labels name classes by folder."""
     images = list_tta_images(folder)
-    truth = resolve_labels(model.class_names, class_folders, Path(folder), images, labels)
+    truth = resolve_labels(model.class_names, class_folders, folder, images, labels)
     run = TestTimeAdaptation(model, make_tta_settings(**settings), source=source)
     predictions = list(run.run(images, truth, top_k=top_k))
     log.info(run.summary_line())
