@@ -194,6 +194,17 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+def _content_of(image) -> str | None:
+    """sha256 of an image's bytes: the file's, or a WebDataset member's span inside its shard."""
+    span = getattr(image, "span", None)
+    if span is None:
+        return content_sha256(_path_of(image))
+    try:
+        return hashlib.sha256(span.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def _path_of(image) -> Path:
     """A LabelledImage's path, or the path itself."""
     return Path(getattr(image, "path", image))
@@ -500,7 +511,7 @@ def _image_keys(model, images: Sequence, transform: Callable, seed: int | None, 
     preprocessing = preprocessing_key(transform, backbone.preprocess)
     keys: list[bytes | None] = []
     for position, image in enumerate(images):
-        content = content_sha256(_path_of(image))
+        content = _content_of(image)
         view = None if deterministic else sample_seed(seed, epoch, position)
         keys.append(None if content is None else entry_key(preprocessing, view, content))
     return store.shelf(backbone), keys

@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
-from .data import class_name_from_folder, record_name
+from .data import class_name_from_folder, labelled_items, open_data, record_name
 from .errors import InputError
 
 
 def resolve_labels(
     class_names: list[str],
     class_folders: list[str] | None,
-    folder: Path,
-    images: list[Path],
+    folder: Path | os.PathLike,
+    images: list,
     labels: str | Path | dict | None,
 ) -> list[int | None] | None:
     """True class indices (into `class_names`) of `images` under `folder`, for scoring (never for
@@ -23,7 +24,10 @@ def resolve_labels(
     if labels is None:
         return None
     index = _label_index(class_names, class_folders)
-    if isinstance(labels, str) and labels == "folders":
+    data, folder = folder, Path(folder)  # `data` may be a DataSource carrying a manifest's options
+    if isinstance(labels, str) and labels == "folders" and open_data(data).kind != "folder":
+        named = {str(item): key for item, key in labelled_items(data)}  # a manifest's or shards' own labels
+    elif isinstance(labels, str) and labels == "folders":
         named = {str(p): record_name(p.parent.name) for p in images if p.parent != folder}
     elif isinstance(labels, dict):
         named = {str(Path(k) if Path(k).is_absolute() else folder / k): str(v) for k, v in labels.items()}

@@ -234,7 +234,7 @@ def test_summary_tables_round_for_people(probe_file):
 def test_help_shows_placeholders_in_angle_brackets_literally():
     """Help is markdown, where <class> reads as an HTML tag and vanished ("root//")."""
     result = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
-    assert "root/<class>/<image>" in result.stdout and "(default: <folder>.<method>.adaclip)" in result.stdout
+    assert "root/<class>/<image>" in result.stdout and "(default: <data name>.<method>.adaclip)" in result.stdout
     result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
     assert "(default: <adapter>.report.html)" in result.stdout
 

@@ -415,3 +415,28 @@ def test_fit_feature_cache_option_fills_the_folder_and_off_leaves_none(dataset, 
     off = _cli(*args, "-o", str(tmp_path / "b.adaclip"), "--feature-cache", "off")
     assert off.exit_code == 0, off.output
     assert sorted(session.rglob("*.safetensors")) == before
+
+
+def test_webdataset_members_are_keyed_by_their_bytes_inside_the_shard(tmp_path):
+    """A shard member has no file of its own: its key is the sha256 of its span's bytes, so the same
+    image hits whether it came from a folder or a shard, and two different members never share a key."""
+    import io
+    import tarfile
+
+    from adaclip.data import TarSpan
+
+    pictures = {"a.png": b"first image bytes", "b.png": b"second image bytes"}
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in pictures.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "a.png").write_bytes(pictures["a.png"])
+    with tarfile.open(shard) as tar:
+        spans = {m.name: TarSpan(str(shard), m.offset_data, m.size) for m in tar.getmembers()}
+    member_a = LabelledImage(f"{shard}/a.png", 0, spans["a.png"])
+    member_b = LabelledImage(f"{shard}/b.png", 0, spans["b.png"])
+    assert feature_store._content_of(member_a) == hashlib.sha256(pictures["a.png"]).hexdigest()
+    assert feature_store._content_of(member_a) == feature_store._content_of(LabelledImage(tmp_path / "a.png", 0))
+    assert feature_store._content_of(member_a) != feature_store._content_of(member_b)

@@ -15,6 +15,7 @@ from .options import (
     GROUP,
     SUMMARY_FORMATS,
     BatchOpt,
+    DataOptions,
     EvalClassesOpt,
     FeatureCacheOptions,
     LoadOptions,
@@ -27,7 +28,9 @@ from .options import (
 @command("eval")
 def evaluate(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
-    data: Path = typer.Argument(..., help="Labelled folder (uses test/ or val/ when the folder has splits)."),
+    data: Path = typer.Argument(
+        ..., help="Labelled folder, manifest or shards (uses the test split, else val, when DATA has splits)."
+    ),
     classes: Path | None = EvalClassesOpt,
     fmt: str = format_option("table", EVAL_FORMATS),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to FILE."),
@@ -37,6 +40,7 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Overwrite --output / --predictions files."),
     batch_size: int = BatchOpt,
     workers: int | None = WorkersOpt,
+    reading: DataOptions = GROUP,
     loading: LoadOptions = GROUP,
     features: FeatureCacheOptions = GROUP,
 ) -> None:
@@ -62,7 +66,7 @@ def evaluate(
     read_adapter_header(adapter_path)  # a missing or broken adapter, and bad data, fail before the backbone is built
     check_count(batch_size, "--batch-size")
     check_count(workers, "--workers", minimum=0, optional=True)
-    folder = prepare_eval_data(data, classes)
+    folder = prepare_eval_data(reading.source(data), classes)
     main_rank = only_rank_zero_writes()
     adapter = load(adapter_path, **loading.as_kwargs())
     started = time.perf_counter()
@@ -81,7 +85,7 @@ def evaluate(
 def report_command(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
     data: Path | None = typer.Argument(
-        None, metavar="[DATA]", help="Labelled folder to score on (its test/ split when it has splits)."
+        None, metavar="[DATA]", help="Labelled folder, manifest or shards to score on (its test split, if any)."
     ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="HTML file to write (default: \\<adapter>.report.html)."
@@ -92,6 +96,7 @@ def report_command(
     fmt: str = format_option("table", SUMMARY_FORMATS),
     batch_size: int = BatchOpt,
     workers: int | None = WorkersOpt,
+    reading: DataOptions = GROUP,
     loading: LoadOptions = GROUP,
 ) -> None:
     """One self-contained HTML report of an adapter (no network; images inline): confusion matrix,
@@ -111,11 +116,12 @@ def report_command(
     output = output or adapter_path.with_name(adapter_path.stem + ".report.html")
     check_report_paths(output, force, [adapter_path] + ([data] if data else []), "-o", png)
     read_adapter_header(adapter_path)  # a broken adapter or bad data fails before the backbone is built
-    if data is not None:
-        prepare_eval_data(data, classes)
+    source = reading.source(data) if data is not None else None
+    if source is not None:
+        prepare_eval_data(source, classes)
     adapter = load(adapter_path, **loading.as_kwargs())
     evaluation = (
-        evaluate_for_report(adapter, data, classes_file=classes, batch_size=batch_size, workers=workers)
+        evaluate_for_report(adapter, source, classes_file=classes, batch_size=batch_size, workers=workers)
         if data is not None
         else adapter_only(adapter)
     )

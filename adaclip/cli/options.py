@@ -113,7 +113,10 @@ TopKOpt = typer.Option(5, "--top-k", "-k", help="How many labels to report per i
 # In help text, `\\<` keeps a literal <name>: the help is markdown, which would drop it as an HTML tag.
 ImageFolderArg = typer.Argument(
     ...,
-    help="Image folder: root/\\<class>/\\<image>, or root/{train,val,test}/\\<class>/\\<image>.",
+    help=(
+        "Labelled images: a folder root/\\<class>/\\<image> (or root/{train,val,test}/\\<class>/\\<image>), "
+        "a CSV/JSONL manifest, a folder with metadata.csv, or WebDataset shards (shards-{000000..000009}.tar)."
+    ),
 )
 
 
@@ -195,6 +198,43 @@ class FeatureCacheOptions(OptionGroup):
         from ..feature_store import using
 
         return using(self.feature_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions(OptionGroup):
+    """How to read DATA that is a manifest or WebDataset shards (every command that reads labelled or
+    listed images); class folders ignore them. `source(DATA)` is what the API takes."""
+
+    path_column: str | None = option(
+        str | None,
+        typer.Option(
+            None,
+            "--path-column",
+            help="Manifest column holding image paths (default: path; file_name in metadata.csv).",
+        ),
+    )
+    label_column: str | None = option(
+        str | None,
+        typer.Option(
+            None, "--label-column", help="Manifest column, or WebDataset .json field, holding labels (default: label)."
+        ),
+    )
+    allow_absolute: bool = option(
+        bool,
+        typer.Option(
+            False,
+            "--allow-absolute",
+            help="Read manifest paths that are absolute or climb out of its folder (../); for manifests you trust.",
+        ),
+    )
+
+    def source(self, data: Any) -> Any:
+        """DATA with these options, as adaclip.data.open_data gives it (a path-like DataSource)."""
+        from ..data import open_data
+
+        return open_data(
+            data, path_column=self.path_column, label_column=self.label_column, allow_absolute=self.allow_absolute
+        )
 
 
 def group_parameters(function) -> tuple[inspect.Signature, dict[str, type[OptionGroup]]]:

@@ -11,14 +11,26 @@ from ..checks import check_count
 from ..errors import UsageError
 from ..ui import log
 from .base import command, only_rank_zero_writes
-from .options import GROUP, BatchOpt, LoadOptions, TopKOpt, check_format, check_top_k, format_option, parse_settings
+from .options import (
+    GROUP,
+    BatchOpt,
+    DataOptions,
+    LoadOptions,
+    TopKOpt,
+    check_format,
+    check_top_k,
+    format_option,
+    parse_settings,
+)
 
 
 @command()
 def predict(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file."),
     inputs: list[str] = typer.Argument(
-        ..., metavar="PATH...", help="Image files, folders, globs, or - to read paths from stdin."
+        ...,
+        metavar="PATH...",
+        help="Image files, folders, globs, manifests (.csv/.jsonl), WebDataset shards, or - to read paths from stdin.",
     ),
     top_k: int = TopKOpt,
     fmt: str = format_option("table"),
@@ -28,6 +40,7 @@ def predict(
         "--classes",
         help="Score these class names instead (one per line or JSON list; class-agnostic methods).",
     ),
+    reading: DataOptions = GROUP,
     loading: LoadOptions = GROUP,
 ) -> None:
     """Label images with an adapter. Unreadable images are reported on stderr and skipped.
@@ -48,7 +61,8 @@ def predict(
     class_names = read_name_list(classes) if classes else None  # a bad class list fails before loading
     only_rank_zero_writes()
     adapter = load(adapter_path, **loading.as_kwargs())
-    predictions = adapter.iter_predict(iter_input_paths(inputs), top_k=top_k, batch_size=batch_size)
+    paths = iter_input_paths(inputs, path_column=reading.path_column, allow_absolute=reading.allow_absolute)
+    predictions = adapter.iter_predict(paths, top_k=top_k, batch_size=batch_size)
     with adapter.classes(class_names):
         counts = write_predictions(predictions, fmt, top_k, title=f"{adapter.method} predictions")
     log.info(predicted_line(counts))
@@ -59,7 +73,9 @@ def predict(
 @command()
 def tta(
     adapter_path: Path = typer.Argument(..., metavar="ADAPTER", help="An .adaclip file (zeroshot, rada, ...)."),
-    folder: Path = typer.Argument(..., metavar="FOLDER", help="Folder of unlabeled images (searched recursively)."),
+    folder: Path = typer.Argument(
+        ..., metavar="FOLDER", help="Folder of unlabeled images (searched recursively), a manifest, or shards."
+    ),
     mode: str = typer.Option(
         "episodic",
         "--mode",
@@ -71,7 +87,9 @@ def tta(
     batch_size: int = typer.Option(32, "--batch-size", help="Online: images per adaptation step."),
     seed: int = typer.Option(0, "--seed", help="Fixes the views and a fresh mask's initialisation."),
     labels: bool = typer.Option(
-        False, "--labels", help="Score predictions against class sub-folder names (never used to adapt)."
+        False,
+        "--labels",
+        help="Score predictions against class sub-folder names, or DATA's own labels (never used to adapt).",
     ),
     labels_csv: Path | None = typer.Option(
         None, "--labels-csv", help="Score predictions against a CSV of file,label (paths relative to FOLDER)."
@@ -83,6 +101,7 @@ def tta(
     force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
     top_k: int = TopKOpt,
     fmt: str = format_option("table"),
+    reading: DataOptions = GROUP,
     loading: LoadOptions = GROUP,
 ) -> None:
     """Label-free test-time adaptation of RAda's mask on a folder; prints predictions like `predict`.
@@ -111,6 +130,7 @@ def tta(
         tta_settings = make_tta_settings(
             **parse_settings(settings), mode=mode, steps=steps, views=views, lr=lr, batch_size=batch_size, seed=seed
         )
+        folder = reading.source(folder)
         images = list_tta_images(folder)  # bad input fails before the backbone is built
         adapter = load(adapter_path, **loading.as_kwargs())
         if output is not None:

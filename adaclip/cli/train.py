@@ -19,6 +19,7 @@ from .options import (
     BackboneOptions,
     CacheDirOpt,
     ClassNamesOpt,
+    DataOptions,
     DeviceOpt,
     FeatureCacheOptions,
     ImageFolderArg,
@@ -42,9 +43,10 @@ def fit(
         DEFAULT_METHOD, "--method", "-m", help="Method to train; see `adaclip methods`.", autocompletion=complete_method
     ),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Adapter file to write (default: \\<folder>.\\<method>.adaclip)."
+        None, "--output", "-o", help="Adapter file to write (default: \\<data name>.\\<method>.adaclip)."
     ),
     backbone: BackboneOptions = GROUP,
+    reading: DataOptions = GROUP,
     shots: int | None = typer.Option(None, "--shots", help="Few-shot: sample K training images per class (seeded)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override the method's epochs."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override the method's batch size."),
@@ -114,7 +116,8 @@ def fit(
     from ..views import fit_summary, write_fit_summary
 
     check_format(fmt, SUMMARY_FORMATS)
-    output = output or Path(f"{data.resolve().name or 'adapter'}.{method.replace('+', '-')}.adaclip")
+    source = reading.source(data)
+    output = output or Path(f"{source.stem or 'adapter'}.{method.replace('+', '-')}.adaclip")
     main_rank = context_from_env().is_main
     # Checked and locked before anything is read or built; a second fit to the same -o fails here.
     with checked_output(output, force=force, inputs=[data], lock=main_rank):
@@ -136,7 +139,7 @@ def fit(
         try:
             with features.using():
                 adapter = fit_adapter(
-                    data,
+                    source,
                     method,
                     **backbone.as_kwargs(),
                     shots=shots,
@@ -221,6 +224,7 @@ def compare(
         False, "--base-to-new", help="Train on the first half of the classes; also score the other half (new)."
     ),
     backbone: BackboneOptions = GROUP,
+    reading: DataOptions = GROUP,
     classes: Path | None = ClassNamesOpt,
     templates: str = TemplatesOpt,
     settings: list[str] = typer.Option(
@@ -267,7 +271,7 @@ def compare(
     check_report_paths(report, force, [data], "--report", png)
     with features.using():
         board = run_compare(
-            data,
+            reading.source(data),
             method_list,
             seeds=seed_list,
             shots=shots,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,9 @@ from ..data import (
     ImageFolder,
     LabelledImage,
     TrainingData,
-    _check_same_classes,
     check_val_split,
-    find_splits,
     holdout_count,
-    read_image_folder,
+    read_sets,
     split_training_pool,
     stratified_holdout,
 )
@@ -90,19 +88,13 @@ def make_protocol(
     test_fraction: float = TEST_FRACTION,
 ) -> Protocol:
     """Index the folder and fix the splits; too few images per class is an error naming how many."""
-    root = Path(data)
     if shots is not None and shots < 1:
         raise InputError(f"--shots must be at least 1, got {shots}")
     val_split = check_val_split(val_split)
     if not 0 < test_fraction < 1:
         raise UsageError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    splits = find_splits(root)
-    if splits:
-        if "train" not in splits:
-            raise InputError("split folders found but no train/", path=root, fix="add root/train/<class>/<image>")
-        train_folder = read_image_folder(splits["train"], classes)
-    else:
-        train_folder = read_image_folder(root, classes)
+    sets = read_sets(data, classes)
+    train_folder = sets.train
     n_classes = len(train_folder.folders)
     if n_classes < 2 or (base_to_new and n_classes < 4):
         need = 4 if base_to_new else 2
@@ -110,8 +102,8 @@ def make_protocol(
             f"found {n_classes} class(es); {'base-to-new ' if base_to_new else ''}compare needs at least {need}",
             path=train_folder.root,
         )
-    val_folder = _split_images(splits, "val", train_folder, classes)
-    test_folder = _split_images(splits, "test", train_folder, classes)
+    val_folder = list(sets.val.images) if sets.val is not None else None
+    test_folder = list(sets.test.images) if sets.test is not None else None
     _check_enough_images(train_folder, shots, val_split, has_val=val_folder is not None, carved_test=not test_folder)
     pool = list(train_folder.images)
     if test_folder is not None:
@@ -152,15 +144,7 @@ def make_protocol(
 
 
 def _relabel(images: list[LabelledImage], new_label: dict[int, int]) -> list[LabelledImage]:
-    return [LabelledImage(im.path, new_label[im.label]) for im in images]
-
-
-def _split_images(splits: dict[str, Path], name: str, train: ImageFolder, classes) -> list[LabelledImage] | None:
-    if name not in splits:
-        return None
-    folder = read_image_folder(splits[name], classes)
-    _check_same_classes(train, folder)
-    return list(folder.images)
+    return [replace(im, label=new_label[im.label]) for im in images]
 
 
 def images_needed(shots: int | None, val_split: float | str, *, has_val: bool, carved_test: bool) -> tuple[int, str]:

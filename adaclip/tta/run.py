@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..adapter_file import created_at_now
-from ..data import StreamingImageDataset, list_images, make_loader
+from ..data import StreamingImageDataset, labelled_items, list_images, make_loader, open_data, open_item
 from ..distributed import SINGLE
 from ..errors import InputError, UsageError
 from ..files import IMAGE_EXTENSIONS
-from ..images import load_image
 from ..labels import resolve_labels
 from ..methods import make_method_config, method_registry
 from ..methods.rada import RationalMaskHead
@@ -92,6 +91,8 @@ def _starts_that_write() -> str:
 
 
 def list_tta_images(folder: str | Path) -> list[Path]:
+    if open_data(folder).kind != "folder":  # a manifest or shards: their images, in their order
+        return [item for item, _ in labelled_items(folder)]
     folder = Path(folder)
     if not folder.exists():
         raise InputError("folder not found", path=folder)
@@ -199,7 +200,7 @@ class TestTimeAdaptation:
         class_features = self._class_features()
         for index, path in enumerate(images):
             try:
-                image = load_image(path)
+                image = open_item(path)
                 pixels = episodic_views(image, self.settings.seed, self.settings.views, eval_transform, augment)
             except Exception as exc:  # noqa: BLE001 - one unreadable image must not end the run
                 yield index, path, None, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")
@@ -424,7 +425,7 @@ def run_tta(
     """Adapt the mask of an adapter's `model` on the images under `folder` (recursive); see `Adapter.tta`.
     `class_folders` (the adapter's training folders) let labels name classes by folder."""
     images = list_tta_images(folder)
-    truth = resolve_labels(model.class_names, class_folders, Path(folder), images, labels)
+    truth = resolve_labels(model.class_names, class_folders, folder, images, labels)
     run = TestTimeAdaptation(model, make_tta_settings(**settings), source=source)
     predictions = list(run.run(images, truth, top_k=top_k))
     log.info(run.summary_line())
