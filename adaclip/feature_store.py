@@ -24,6 +24,9 @@ ROOT: `--feature-cache DIR`, else $ADACLIP_CACHE, else the user cache folder (pl
 adaclip/features; `off` (either way) turns it off. It is not `--cache-dir` (pretrained weights): that
 one is often a cache shared with other tools (Hugging Face, open_clip), and clearing features must
 never touch weights.
+
+One file on purpose (over 400 lines): location, keys, the store and the encoding hooks are one
+mechanism that tests and the commands patch as a unit; its four sections are marked below.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .files import open_regular
 from .ui import log
 
 if TYPE_CHECKING:
@@ -183,8 +187,9 @@ def content_sha256(path: str | os.PathLike) -> str | None:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Raises NotRegularFileError (an OSError) for a FIFO or device, which opening would block on."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()

@@ -7,6 +7,9 @@ Sections: leaderboard and accuracy-vs-trainable-parameters scatter (compare only
 heat map, per-class accuracy bars, training and validation curves from the adapter's history, and a
 gallery of the most confident mistakes. Plots are drawn by matplotlib (the `adaclip[report]` extra);
 `png=True` also writes each plot as a PNG file beside the HTML.
+
+One file on purpose (over 400 lines): each section is a short matplotlib function plus its HTML, and
+they share the page's template and styles; splitting them would scatter one page across modules.
 """
 
 from __future__ import annotations
