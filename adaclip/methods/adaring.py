@@ -85,8 +85,8 @@ class AdaRingSettings(BlockSelection):
     learnable_gates: bool = Field(True, description="one learnable gate per ring (init 1)")
     # One scale with PromptSRC (25 / 10 / 1 for prompts on ViT-B/16): L1 means over feature entries, the
     # KL summed and divided by B * K (PromptSRC's reduction). With adapters inside the encoders PromptSRC's
-    # weights held the lite backbone near its 30% zero-shot; 0.25 / 0.25 / 1.25 validated best of the
-    # weights tried on a Fashion-MNIST training-split validation set (docs/tuning.md).
+    # weights held the lite backbone near its zero-shot accuracy; 0.25 / 0.25 / 1.25 validated best of the
+    # weights tried on a Fashion-MNIST training-split validation set (the study: docs/tuning.md).
     text_consistency: float = Field(0.25, ge=0, description="weight of L1(text features, zero-shot text features)")
     image_consistency: float = Field(0.25, ge=0, description="weight of L1(image features, zero-shot image features)")
     logit_consistency: float = Field(

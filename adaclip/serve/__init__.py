@@ -100,8 +100,8 @@ def run_server(
 
 def _one_malloc_arena() -> None:
     """glibc gives each new thread its own malloc arena, and those hand large blocks (a batch's
-    activations) back to the OS after every batch: the batcher thread then encoded lite batches of 40+
-    at half the main thread's speed on the 2-core development machine. One arena keeps every thread on
+    activations) back to the OS after every batch, so the batcher thread encoded large batches much
+    slower than the main thread (measured: docs/benchmarks.md, serve). One arena keeps every thread on
     the main heap, which honours MALLOC_MMAP_THRESHOLD_ (see the Makefile's bench settings)."""
     import ctypes
     import ctypes.util
