@@ -1,6 +1,10 @@
 """One test-time adaptation run (see adaclip.tta for the modes): `TestTimeAdaptation` streams predictions
 and gives the adapted model; `run_tta` runs it over a folder. The run knows models, not Adapters: the
-Adapter (adaclip.adapter) makes an adapter of the adapted model."""
+Adapter (adaclip.adapter) makes an adapter of the adapted model.
+
+One file over 400 lines on purpose: the episodic, online and tda modes share the image stream, the
+per-process split (adaclip.sharding), the label bookkeeping and the record; split by mode, each module
+would restate them."""
 
 from __future__ import annotations
 
