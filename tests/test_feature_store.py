@@ -167,9 +167,23 @@ def test_round_trip_is_bit_exact(few_images, zero_shot, store_dir):
         assert torch.equal(encoded.features, plain.features)
 
 
-def test_only_batches_that_changed_are_encoded_again(tmp_path, few_images, zero_shot, store_dir, monkeypatch):
+@pytest.fixture
+def encoded_positions(monkeypatch):
+    """What each call of the image encoder encoded: a list of positions, or None for all of them."""
     from adaclip import inference
 
+    calls = []
+    real = inference._run_encoder
+
+    def spy(*args):
+        calls.append(args[-1] if len(args) > 8 else None)
+        return real(*args)
+
+    monkeypatch.setattr(inference, "_run_encoder", spy)
+    return calls
+
+
+def test_only_batches_that_changed_are_encoded_again(tmp_path, few_images, zero_shot, store_dir, encoded_positions):
     images = _images(few_images)
     transform = zero_shot.backbone.eval_transform()
     encode_images(zero_shot, images, transform, batch_size=4)
@@ -177,14 +191,7 @@ def test_only_batches_that_changed_are_encoded_again(tmp_path, few_images, zero_
     changed = images[:-1] + _images(extra)[:1]  # the last batch differs
     with feature_store.using("off"):
         plain = encode_images(zero_shot, changed, transform, batch_size=4)
-    encoded_positions = []
-    real = inference._run_encoder
-
-    def spy(*args):
-        encoded_positions.append(args[-1] if len(args) > 8 else None)
-        return real(*args)
-
-    monkeypatch.setattr(inference, "_run_encoder", spy)
+    encoded_positions.clear()  # count only the calls from here on
     again = encode_images(zero_shot, changed, transform, batch_size=4)
     assert encoded_positions == [[8, 9, 10, 11]]
     assert torch.equal(again.features, plain.features)  # bit for bit what an uncached run gives
@@ -208,9 +215,9 @@ def test_seeded_crops_round_trip_and_keep_their_positions(few_images, zero_shot,
     assert not torch.equal(other.features, plain.features)  # another view: other crops
 
 
-def test_unreadable_images_are_skipped_every_time_without_encoding_again(tmp_path, zero_shot, store_dir, monkeypatch):
-    from adaclip import inference
-
+def test_unreadable_images_are_skipped_every_time_without_encoding_again(
+    tmp_path, zero_shot, store_dir, encoded_positions
+):
     make_folder(tmp_path / "d", 2, seed=4)
     broken = tmp_path / "d" / "red_circle" / "broken.png"
     broken.write_bytes(b"not an image")
@@ -220,14 +227,7 @@ def test_unreadable_images_are_skipped_every_time_without_encoding_again(tmp_pat
     with feature_store.using("off"):
         plain = encode_images(zero_shot, images, transform, batch_size=4)
     first = encode_images(zero_shot, images, transform, batch_size=4)
-    encoded_positions = []
-    real = inference._run_encoder
-
-    def spy(*args):
-        encoded_positions.append(args[-1] if len(args) > 8 else None)
-        return real(*args)
-
-    monkeypatch.setattr(inference, "_run_encoder", spy)
+    encoded_positions.clear()  # count only the calls from here on
     second = encode_images(zero_shot, images, transform, batch_size=4)
     broken_at = next(i for i, image in enumerate(images) if image.path == broken)
     assert encoded_positions == [[broken_at, len(images) - 1]]  # tried, not encoded
