@@ -182,6 +182,27 @@ def test_lora_attention_per_token_path_matches_the_folded_weights(batch_first):
         wrapper._forward_per_token(x, x, x, grouped)  # need_weights=True: only the folded path serves it
 
 
+def test_lora_branch_dropout_is_inverted_dropout_per_element():
+    """The branch input's dropout (drawn from uniforms, not nn.Dropout's bernoulli): each input element
+    is kept with probability 1 - p and scaled by 1 / (1 - p), or zeroed; the gradient sees the same
+    mask; eval mode drops nothing. With A = I the rank-r activations are the dropped input itself."""
+    torch.manual_seed(0)
+    update = LoRAUpdate(32, 32, rank=32, scale=1.0, dropout=0.25)
+    with torch.no_grad():
+        update.lora_A.copy_(torch.eye(32))
+    x = torch.full((4096, 32), 2.0, requires_grad=True)
+    update.train()
+    dropped = update.low(x)
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], torch.full_like(dropped[kept], 2.0 / 0.75), rtol=0, atol=1e-6)
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 131,072 draws: std 0.0012
+    dropped.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75, rtol=0, atol=1e-6)
+    assert not torch.equal(update.low(x) != 0, kept)  # a fresh mask per call
+    update.eval()
+    assert torch.equal(update.low(x), x.detach() @ torch.eye(32))
+
+
 def test_lora_merge_unmerge_round_trip(tiny_backbone):
     """merge() folds the updates into frozen copies of the weights: the logits agree within 1e-5. The
     backbone's own tensors are never written (PEFT's unmerge subtracts the update again, exact only to

@@ -51,7 +51,17 @@ class LoRAUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(self.low(x), self.lora_B) * self.scale
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        """A dropout(x): the rank-r activations the update's B (times scale) maps to the output."""
+        if not self.drops_input:
+            return F.linear(x, self.lora_A)
+        # Inverted dropout as nn.Dropout draws it (keep with probability 1 - p, scale 1 / (1 - p)), from
+        # uniform draws: torch's CPU bernoulli_ is several times slower than rand, and these masks cover
+        # every token of every adapted projection. The scale is folded into the (r, d) matrix.
+        keep = torch.rand_like(x).ge_(self.dropout.p)
+        return F.linear(x * keep, self.lora_A / (1 - self.dropout.p))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -127,20 +137,23 @@ def _project(
     rows: dict[str, tuple[int, int]],
     updates: dict[str, list[LoRAUpdate]],
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) plus each projection's low-rank updates, placed in its rows."""
+    """F.linear(x, weight, bias) plus each projection's low-rank updates, placed in its rows.
+
+    All updates go through one GEMM that accumulates into the base output: their rank-r activations
+    side by side (N, sum r) times their scaled B's stacked as columns of a (d_out, sum r) matrix, each
+    in its projection's rows. Per-update products, zero padding and concatenations of (N, d) tensors
+    were as costly as the dropout masks on CPU; this writes the output once."""
     y = F.linear(x, weight, bias)
+    placed = [(rows[proj], update) for proj in rows for update in updates.get(proj, ())]
+    if not placed:
+        return y
     d_out = weight.shape[0]
-    segments = [(start, end, update(x)) for proj, (start, end) in rows.items() for update in updates.get(proj, ())]
-    bounds = [0] + [end for _, end, _ in segments]
-    if segments and [start for start, _, _ in segments] == bounds[:-1] and bounds[-1] == d_out:
-        # the updates tile the rows (q, k, v of a packed weight): one add of their concatenation, the same
-        # numbers as adding each zero-padded, without writing and adding the padding
-        return y + (torch.cat([delta for _, _, delta in segments], dim=-1) if len(segments) > 1 else segments[0][2])
-    for start, end, delta in segments:
-        if (start, end) != (0, d_out):
-            delta = F.pad(delta, (start, d_out - end))
-        y = y + delta
-    return y
+    lows = torch.cat([update.low(x) for _, update in placed], dim=-1)
+    columns = torch.cat(
+        [F.pad(update.lora_B * update.scale, (0, 0, start, d_out - end)) for (start, end), update in placed], dim=1
+    )
+    lows = lows.reshape(-1, lows.shape[-1]).to(y.dtype)
+    return torch.addmm(y.reshape(-1, d_out), lows, columns.t().to(y.dtype)).view(y.shape)
 
 
 class LinearWrapper(_Wrapper):
@@ -228,12 +241,17 @@ class MultiheadAttentionWrapper(_Wrapper):
                 "need_weights=False and no key_padding_mask (open_clip's blocks)",
                 fix="--set dropout=0 (the updates are then folded into the packed weights, for any call)",
             )
-        x = query.transpose(0, 1) if mha.batch_first else query  # (L, N, E)
-        length, batch, width = x.shape
+        # Projections are per token: run them on the input's own memory layout (a transposed view would
+        # turn each GEMM into a batched one), then arrange q, k, v as (N, heads, L, head_dim).
         heads = mha.num_heads
-        qkv = _project(x, mha.in_proj_weight, mha.in_proj_bias, self.in_rows, updates)
-        q, k, v = (t.reshape(length, batch * heads, -1).transpose(0, 1) for t in qkv.chunk(3, dim=-1))
-        q, k, v = (t.view(batch, heads, length, -1) for t in (q, k, v))
+        if mha.batch_first:
+            batch, length, width = query.shape
+            to_heads = (2, 0, 3, 1, 4)  # (N, L, 3, heads, hd) -> (3, N, heads, L, hd)
+        else:
+            length, batch, width = query.shape
+            to_heads = (2, 1, 3, 0, 4)  # (L, N, 3, heads, hd) -> (3, N, heads, L, hd)
+        qkv = _project(query, mha.in_proj_weight, mha.in_proj_bias, self.in_rows, updates)
+        q, k, v = qkv.view(*query.shape[:2], 3, heads, width // heads).permute(to_heads).unbind(0)
         if is_causal:
             attn_mask = None  # a hint that attn_mask is causal: the kernel applies it, as in nn.MultiheadAttention
         else:
@@ -251,10 +269,9 @@ class MultiheadAttentionWrapper(_Wrapper):
             )
         dropout_p = mha.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-        out = out.permute(2, 0, 1, 3).reshape(length * batch, width)
-        out = _project(out, mha.out_proj.weight, mha.out_proj.bias, {"out": (0, width)}, updates)
-        out = out.view(length, batch, width)
-        return (out.transpose(0, 1) if mha.batch_first else out), None
+        out = out.transpose(1, 2) if mha.batch_first else out.permute(2, 0, 1, 3)  # back to the input's layout
+        out = _project(out.reshape(-1, width), mha.out_proj.weight, mha.out_proj.bias, {"out": (0, width)}, updates)
+        return out.view(query.shape), None
 
 
 @contextmanager
