@@ -56,6 +56,8 @@ def machine() -> dict[str, Any]:
         "gpu": None,
         # allocator settings change CPU throughput a lot (Makefile, bench targets): recorded with the numbers
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+        # other jobs on the machine inflate timings: the 1/5/15-minute load averages when the run started
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -91,6 +92,7 @@ def _peft_step(backbone, rank: int, scale: float, dropout: float, pixels: torch.
 
 
 def measure(args: argparse.Namespace) -> dict:
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     from adaclip.backbone import create_backbone
     from adaclip.methods import make_method_config
 
@@ -152,6 +154,8 @@ def measure(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "peft": peft_version,
         "variants": rows,
+        # 1/5/15-minute load averages: other jobs inflate the seconds (not the ratios: steps alternate)
+        "load_average": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -164,8 +168,9 @@ def render(report: dict) -> str:
             f"{record['batch_size']}, {record['torch_threads']} threads), same trainable parameters, in one "
             f"process, steps alternating between the variants for {record['rounds']} rounds. Measured "
             f"{report['date']} on {report['machine']['cpu']} ({report['machine']['cpu_count']} cores), adaclip "
-            f"{report['git_commit'][:12]}; the machine was shared with other jobs, so only the ratios within "
-            "the run count.",
+            f"{report['git_commit'][:12]}; 1/5/15-minute load averages {record['load_average']['start']} at "
+            f"the start and {record['load_average']['end']} at the end (this process alone adds about "
+            f"{record['torch_threads']}). Steps alternate, so load from other jobs falls on every variant alike.",
             "",
             f"Command: `{report['command']}`",
             "",
