@@ -183,9 +183,9 @@ def test_lora_attention_per_token_path_matches_the_folded_weights(batch_first):
 
 
 def test_lora_branch_dropout_is_inverted_dropout_per_element():
-    """The branch input's dropout (drawn from uniforms, not nn.Dropout's bernoulli): each input element
-    is kept with probability 1 - p and scaled by 1 / (1 - p), or zeroed; the gradient sees the same
-    mask; eval mode drops nothing. With A = I the rank-r activations are the dropped input itself."""
+    """The branch input's dropout, as CLIP-LoRA applies it: each input element is kept with probability
+    1 - p and scaled by 1 / (1 - p), or zeroed; the gradient sees the same mask; eval mode drops
+    nothing. With A = I the rank-r activations are the dropped input itself."""
     torch.manual_seed(0)
     update = LoRAUpdate(32, 32, rank=32, scale=1.0, dropout=0.25)
     with torch.no_grad():

@@ -55,13 +55,7 @@ class LoRAUpdate(nn.Module):
 
     def low(self, x: torch.Tensor) -> torch.Tensor:
         """A dropout(x): the rank-r activations the update's B (times scale) maps to the output."""
-        if not self.drops_input:
-            return F.linear(x, self.lora_A)
-        # Inverted dropout as nn.Dropout draws it (keep with probability 1 - p, scale 1 / (1 - p)), from
-        # uniform draws: torch's CPU bernoulli_ is several times slower than rand, and these masks cover
-        # every token of every adapted projection. The scale is folded into the (r, d) matrix.
-        keep = torch.rand_like(x).ge_(self.dropout.p)
-        return F.linear(x * keep, self.lora_A / (1 - self.dropout.p))
+        return F.linear(self.dropout(x), self.lora_A)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
