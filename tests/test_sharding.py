@@ -157,6 +157,34 @@ def test_predict_jsonl_is_byte_identical_across_two_processes(work):
 
 
 @pytest.mark.slow
+def test_predict_across_two_nodes_is_byte_identical_to_one_process(work):
+    """Two torchrun launchers of one process each, joined by the multi-node flags (--nnodes 2,
+    --node-rank, the master's address and port) as two machines would be, here both on 127.0.0.1:
+    the same records as one process, printed once, by the node that holds rank 0."""
+    paths = "\n".join(str(p) for p in sorted(work["unlabeled"].glob("*.png"))) + "\n"
+    common = ["predict", str(work["adapter"]), "-", "-f", "jsonl", "--batch-size", "3", "-k", "3"]
+    one = adaclip(*common, stdin=paths)
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+            + ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "adaclip"]
+            + common,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(paths, timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[0][0] == one.stdout and outputs[1][0] == ""
+    assert len(one.stdout.splitlines()) == 13
+
+
+@pytest.mark.slow
 def test_eval_metrics_are_identical_across_two_processes(work, tmp_path):
     def run(processes: int) -> tuple[dict, str]:
         out, per_image = tmp_path / f"eval{processes}.json", tmp_path / f"eval{processes}.jsonl"
