@@ -5,7 +5,9 @@
 Deterministic given the seed. Layout:
     train/<class>/     16 images per class, from the official train split
     test/<class>/      20 images per class, from the official t10k split
-    shifted/           50 t10k images (none of them in test/) with a visible corruption, unlabeled
+    shifted/           500 t10k images (none of them in test/) with a visible corruption, unlabeled:
+                       enough for online test-time adaptation to take 15 steps of 32 (with 50, the
+                       demo's TTA moved one image either way)
     shifted_labels.csv file,label for shifted/ (so a demo can score test-time adaptation)
     classes.json       {folder: class name used in prompts}
 Images stay 28x28 greyscale PNGs as published; adaclip's transforms resize them.
@@ -27,7 +29,7 @@ from tools.lite.fmnist import PROMPT_NAMES, load_split
 # Folder names read as class names on their own (adaclip turns _ and - into spaces); classes.json
 # gives the exact prompt names (tools.lite.fmnist.PROMPT_NAMES).
 FOLDERS = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
-TRAIN_PER_CLASS, TEST_PER_CLASS, SHIFTED_TOTAL = 16, 20, 50
+TRAIN_PER_CLASS, TEST_PER_CLASS, SHIFTED_TOTAL = 16, 20, 500
 CORRUPTIONS = ("noise", "blur", "contrast")
 
 
@@ -63,7 +65,7 @@ def write_labelled(out: Path, split_dir: str, images: np.ndarray, groups: list[n
 
 
 def write_shifted(out: Path, images: np.ndarray, labels: np.ndarray, used: set[int], rng: np.random.Generator) -> None:
-    """SHIFTED_TOTAL t10k images not in test/, 5 per class, each with one corruption, plus their labels."""
+    """SHIFTED_TOTAL t10k images not in test/, SHIFTED_TOTAL / 10 per class, each with one corruption, plus their labels."""
     groups = per_class_indices(labels, SHIFTED_TOTAL // len(FOLDERS), rng, exclude=used)
     chosen = rng.permutation(np.concatenate(groups))
     rows = []
