@@ -79,6 +79,7 @@ def measure(name: str, command: list[str], work: Path, repeats: int) -> dict:
         row = {"off": timed(command, "off", log), "cold": timed(command, str(cache), log)}
         row["warm"] = timed(command, str(cache), log)
         row["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        row["load_average_after"] = os.getloadavg()[0]  # other jobs inflate seconds: the 1-minute load
         runs.append({k: round(v, 2) for k, v in row.items()})
         print(f"{name} #{repeat + 1}: {runs[-1]}", file=sys.stderr, flush=True)
     best = {k: min(r[k] for r in runs) for k in ("off", "cold", "warm")}
@@ -109,8 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         **run_header(),
         "benchmark": "feature_cache",
-        "note": "2-core VM shared with other jobs while measured: seconds are inflated and noisy; "
-        "compare the ratios of one run",
         "cases": [],
     }
     for name in args.cases.split(","):
