@@ -132,12 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--templates", default="ensemble")
     parser.add_argument("--modes", nargs="+", default=["tda", "online", "episodic"])
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--section", default=None, help="docs/benchmarks.md section to write (default tta-BACKBONE, the main table)"
+    )
     args = parser.parse_args(argv)
     report = {**run_header(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     report["runs"] = run(args)
     output = args.output or RESULTS / f"tta-{args.backbone}-{platform.node() or 'host'}.json"
     write_json(output, report)
-    replace_section(DOCS / "benchmarks.md", f"tta-{args.backbone}", render(report))
+    replace_section(DOCS / "benchmarks.md", args.section or f"tta-{args.backbone}", render(report))
     print(f"wrote {output} and docs/benchmarks.md")
 
 
