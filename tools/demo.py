@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     shifted = [str(DATA / "shifted"), "--labels-csv", str(DATA / "shifted_labels.csv"), "-f", "jsonl"]
     tta_source = "rada" if "rada" in args.methods else best
-    # The stream modes: episodic (TPT, 64 views per image) takes about 2 s an image on 2 cores, too long for
-    # 500 images here; benchmarks.tta measures it.
+    # The modes that adapt over the stream. Episodic (TPT: 64 views per image) is too slow for 500 images in
+    # a CPU demo; benchmarks.tta measures it.
     for mode in ("online", "tda"):
         written = ["-o", str(work / f"{tta_source}.tta-{mode}.adaclip"), "--force"] if mode == "online" else []
         predictions, seconds = adaclip("tta", str(work / f"{tta_source}.adaclip"), *shifted, "--mode", mode, *written)

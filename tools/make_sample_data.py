@@ -6,7 +6,7 @@ Deterministic given the seed. Layout:
     train/<class>/     16 images per class, from the official train split
     test/<class>/      20 images per class, from the official t10k split
     shifted/           500 t10k images (none of them in test/) with a visible corruption, unlabeled:
-                       enough for online test-time adaptation to take 15 steps of 32 (with 50, the
+                       enough for online test-time adaptation to take 16 steps of 32 (with 50, the
                        demo's TTA moved one image either way)
     shifted_labels.csv file,label for shifted/ (so a demo can score test-time adaptation)
     classes.json       {folder: class name used in prompts}

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 
 class LoRAUpdate(nn.Module):
-    """x -> scale * B A dropout(x); B starts at zero, so the update starts at exactly zero."""
+    """x -> scale * B A dropout(x), held as A, B and scale: `_project` applies every update of a layer in
+    one GEMM (`low` gives A dropout(x)). B starts at zero, so the update starts at exactly zero."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, scale: float, dropout: float):
         super().__init__()
@@ -49,9 +50,6 @@ class LoRAUpdate(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init, as in CLIP-LoRA / PEFT
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.low(x), self.lora_B) * self.scale
 
     def low(self, x: torch.Tensor) -> torch.Tensor:
         """A dropout(x): the rank-r activations the update's B (times scale) maps to the output."""
@@ -135,8 +133,8 @@ def _project(
 
     All updates go through one GEMM that accumulates into the base output: their rank-r activations
     side by side (N, sum r) times their scaled B's stacked as columns of a (d_out, sum r) matrix, each
-    in its projection's rows. Per-update products, zero padding and concatenations of (N, d) tensors
-    were as costly as the dropout masks on CPU; this writes the output once."""
+    in its projection's rows, so the output is written once instead of once per update, padding and
+    concatenation of (N, d) tensors."""
     y = F.linear(x, weight, bias)
     placed = [(rows[proj], update) for proj in rows for update in updates.get(proj, ())]
     if not placed:
