@@ -228,7 +228,8 @@ def publish(document: dict, output: Path) -> None:
     machine = document["machine"]
     text = (
         f"### Data at scale\n\n`{document['command']}` ({document['date']}, {document['git_commit'][:12]}, "
-        f"{machine['cpu_count']}-core {machine['cpu']}, shared with other jobs while it ran)"
+        f"{machine['cpu_count']}-core {machine['cpu']}, 1/5/15-minute load averages at the start "
+        f"{machine.get('load_average', 'not recorded')})"
         + "".join(
             f"; then `{r['command']}` ({r['date']}, {r['git_commit'][:12]})" for r in document.get("later_runs", [])
         )
