@@ -56,7 +56,9 @@ def machine() -> dict[str, Any]:
         "gpu": None,
         # allocator settings change CPU throughput a lot (Makefile, bench targets): recorded with the numbers
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-        # other jobs on the machine inflate timings: the 1/5/15-minute load averages when the run started
+        # other jobs on the machine inflate timings: the 1/5/15-minute load averages when this header is
+        # taken (most benchmarks take it before measuring; startup, speed_lora_peft and
+        # feature_cache_overhead after)
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if torch.cuda.is_available():
