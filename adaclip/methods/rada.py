@@ -209,8 +209,8 @@ class RAdaConfig(MethodConfig):
     # Reference recipe: Adam, wd 5e-4, cosine, 1 warm-up epoch, 5 epochs, batch 4, lr 3.5e-3, Dassl's
     # random resized crops (area 8-100%). adaclip: AdamW (decoupled decay), batch 32, 10 epochs over 4 cached
     # augmented views, lr 5e-3 (chosen on a Fashion-MNIST validation split with the lite backbone among
-    # 2e-3 / 5e-3 / 1e-2: docs/tuning.md), crops of 50-100% (`train.min_crop_scale`; 0.08 is Dassl's;
-    # the two are not yet compared: `python -m benchmarks.accuracy --methods rada "rada:train.min_crop_scale=0.08"`).
+    # 2e-3 / 5e-3 / 1e-2: docs/tuning.md), crops of 50-100% (`train.min_crop_scale`; Dassl's 0.08 ties at
+    # 16 shots and loses at 4 on that validation split: docs/tuning.md).
     train: TrainConfig = TrainConfig(
         epochs=10,
         batch_size=32,
