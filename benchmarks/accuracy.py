@@ -26,6 +26,7 @@ A row is a method name, `tip-adapter-f` (`tip-adapter` with `finetune=true`), or
     python -m benchmarks.accuracy                                  # the full suite
     python -m benchmarks.accuracy --shots 16 --seeds 1 --methods zeroshot adaring   # a quick look
     python -m benchmarks.accuracy --resume                         # finish a run that was stopped
+    python -m benchmarks.accuracy --merge other.json               # fold in runs done by another process
 """
 
 from __future__ import annotations
@@ -248,6 +249,23 @@ def save(output: Path, report: dict, done: dict[tuple, dict], *, complete: bool)
     replace_section(DOCS / "benchmarks.md", section, render(report))
 
 
+def merge(output: Path, others: list[Path]) -> None:
+    """Add the runs of `others` that `output` lacks (two processes on one machine, one file each); their
+    commands join `output`'s list, so the docs name every command that filled a cell."""
+    report = json.loads(output.read_text())
+    done = {_key(r): r for r in report["few_shot"] + report["base_to_new"]}
+    commands = report.get("earlier_commands", [])
+    for other in others:
+        theirs = json.loads(other.read_text())
+        added = [r for r in theirs["few_shot"] + theirs["base_to_new"] if _key(r) not in done]
+        done.update({_key(r): r for r in added})
+        commands += [c for c in [*theirs.get("earlier_commands", []), theirs["command"]] if c not in commands]
+        print(f"{other}: {len(added)} runs added", file=sys.stderr)
+    report["earlier_commands"] = [c for c in commands if c != report["command"]]
+    save(output, report, done, complete=report.get("complete", True))
+    print(f"wrote {output} and docs/benchmarks.md")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="lite")
@@ -263,7 +281,17 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="docs/benchmarks.md section to write (default accuracy-BACKBONE, the main table)",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="fold the runs of these results files (another process's --output) into --output and stop",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.output or RESULTS / f"accuracy-{args.backbone}-{platform.node() or 'host'}.json", args.merge)
+        return
 
     import adaclip
     from adaclip.methods import list_methods

@@ -143,3 +143,38 @@ def test_lora_against_peft_on_a_tiny_backbone():
     assert set(variants) == {"adaclip", "adaclip-dropout0", "peft"}
     assert len({row["trainable_params"] for row in variants.values()}) == 1  # the comparison's premise
     assert variants["peft"]["vs_peft"] == 1.0 and all(row["train_images_per_second"] > 0 for row in variants.values())
+
+
+def test_accuracy_merge_folds_in_another_process_runs_and_names_its_command(tmp_path, monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    monkeypatch.setattr(accuracy, "DOCS", tmp_path)
+    machine = {"cpu": "cpu", "cpu_count": 2}
+    settings = {"backbone": "lite", "templates": "ensemble", "seeds": [1, 2], "section": None}
+
+    def record(method, seed, acc):
+        return {"protocol": "few-shot", "method": method, "shots": 4, "seed": seed, "accuracy": acc}
+
+    def report(command, runs, b2n=()):
+        header = {"command": command, "date": "d", "git_commit": "0" * 40, "machine": machine}
+        return {**header, "settings": settings, "few_shot": runs, "base_to_new": list(b2n), "complete": True}
+
+    ours = tmp_path / "ours.json"
+    theirs = tmp_path / "theirs.json"
+    ours.write_text(json.dumps(report("bench A", [record("coop", 1, 0.5), record("coop", 2, 0.7)])))
+    new_to_us = {"protocol": "base-to-new", "method": "adaring", "shots": 16, "seed": 1}
+    new_to_us |= {"base": 0.8, "new": 0.6, "all": 0.5, "hm": 0.6857}
+    their_runs = [record("coop", 1, 0.1), record("adaring", 1, 0.6)]  # coop seed 1 is ours already
+    theirs.write_text(json.dumps(report("bench B", their_runs, [new_to_us])))
+
+    accuracy.main(["--output", str(ours), "--merge", str(theirs)])
+
+    merged = json.loads(ours.read_text())
+    runs = {(r["method"], r["seed"]): r["accuracy"] for r in merged["few_shot"]}
+    assert runs == {("coop", 1): 0.5, ("coop", 2): 0.7, ("adaring", 1): 0.6}
+    assert merged["base_to_new"] == [new_to_us]
+    assert merged["earlier_commands"] == ["bench B"]
+    docs = (tmp_path / "benchmarks.md").read_text()
+    assert "`bench B`; `bench A`" in docs
+    assert "| coop | 4 | 60.00 +- 14.14 | 2 |" in docs
+    assert "| adaring | 80.00 | 60.00 | 50.00 | 68.57 | 1 |" in docs
