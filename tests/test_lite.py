@@ -53,6 +53,29 @@ def test_rada_on_lite_beats_zero_shot_clearly(lite, zero_shot_accuracy, tmp_path
     assert loaded.evaluate(SAMPLE / "test").accuracy == accuracy
 
 
+def test_lite_text_tower_runs_without_the_padding_columns_and_gives_the_same_embeddings(lite):
+    prompts = ["a photo of a bag.", "a blurry photo of an ankle boot that is made of leather."]
+    tokens = lite.tokenize(prompts)
+    assert tokens.shape == (2, 64)
+    longest = int((tokens != lite.text_padding_id).sum(dim=1).max())
+    assert longest < 20
+    seen = []
+    hook = lite.model.text.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        trimmed = lite.encode_text(tokens)
+    finally:
+        hook.remove()
+    assert seen == [(2, longest)]
+    with torch.no_grad():
+        full = lite.model.encode_text(tokens)  # the tower on all 64 columns, as open_clip calls it
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)
+    no_padding = lite.tokenize(["word " * 80])  # cut at the context length: no padding column to drop
+    assert (no_padding != lite.text_padding_id).all()
+    torch.testing.assert_close(lite.encode_text(no_padding), lite.model.encode_text(no_padding), rtol=0, atol=0)
+
+
 def test_adaring_injects_into_the_cnn_and_bert_towers(lite):
     config = make_method_config("adaring")  # default blocks last50%: image blocks 5-9 of 9, text layers 4-6 of 6
     model = AdaptedCLIP(lite, config, ["sandal", "sneaker", "bag"], ["a photo of a {}."])

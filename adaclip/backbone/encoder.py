@@ -49,6 +49,7 @@ class Backbone:
         model.eval()
         # Frozen: a plain float, so no method can train it by accident.
         self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0).item())
+        self.text_padding_id = _masked_padding_id(model)
 
     # --- properties -------------------------------------------------------------------------------
 
@@ -79,6 +80,8 @@ class Backbone:
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised float32 text embeddings (N, D)."""
+        if self.text_padding_id is not None:
+            tokens = _without_padding_columns(tokens, self.text_padding_id)
         with self.autocast():
             return self.model.encode_text(tokens.to(self.device)).float()
 
@@ -110,3 +113,24 @@ class Backbone:
         """A (1, 3, H, W) zero image on the device: for shape probes."""
         size = self.preprocess.size
         return torch.zeros(1, 3, size, size, device=self.device)
+
+
+def _masked_padding_id(model: nn.Module) -> int | None:
+    """The padding token id of a text tower that masks attention and pooling by it (open_clip's
+    HFTextEncoder, e.g. lite's MiniLM), else None. Towers with a fixed-length causal mask and positional
+    table (OpenAI CLIP's) take the tokens as they are."""
+    try:
+        from open_clip.hf_model import HFTextEncoder
+    except ImportError:
+        return None
+    text = getattr(model, "text", None)
+    return text.config.pad_token_id if isinstance(text, HFTextEncoder) else None
+
+
+def _without_padding_columns(tokens: torch.Tensor, padding_id: int) -> torch.Tensor:
+    """`tokens` cut after the last column holding a real token in some row. The tower masks padding out
+    of attention and pooling, so the embeddings are the same up to float rounding, and a prompt of 12
+    tokens no longer pays for the tokenizer's 64 (docs/benchmarks.md: "lite's text tower without the
+    padding columns")."""
+    real = (tokens != padding_id).any(dim=0).nonzero()
+    return tokens[:, : int(real[-1]) + 1] if len(real) else tokens
