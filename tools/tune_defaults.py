@@ -40,9 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--templates", default="ensemble")
+    parser.add_argument(
+        "--val-split",
+        default="0",
+        help="the fit's own validation (what a method searches or tracks): 0 (none) or 'auto' (the product's "
+        "min(shots, 4) per class); its images are never among the scored ones",
+    )
     args = parser.parse_args(argv)
+    val_split = args.val_split if args.val_split == "auto" else float(args.val_split)
 
     import adaclip
+    from adaclip.data import prepare_training_data
     from adaclip.inference import encode_images, logits_in_batches
     from benchmarks.accuracy import prepare_dataset
 
@@ -59,13 +67,18 @@ def main(argv: list[str] | None = None) -> None:
                 backbone=backbone,
                 shots=args.shots,
                 seed=seed,
-                val_split=0,
+                val_split=val_split,
                 classes=data / "classes.json",
                 templates=args.templates,
                 config=settings,
             )
             fit_seconds = time.perf_counter() - started
             taken = {data / "train" / f for f in adapter.metadata.data.files}
+            if val_split:  # the fit's validation images, as fit chose them: not scored either
+                chosen = prepare_training_data(
+                    data / "train", classes_file=data / "classes.json", shots=args.shots, seed=seed, val_split=val_split
+                )
+                taken |= {image.path for image in chosen.val}
             _, val = validation_images(data, taken, args.val_per_class, seed)
             encoded = encode_images(adapter.model, val, backbone.eval_transform(), batch_size=128)
             predictions = logits_in_batches(adapter.model, encoded.features).argmax(-1).cpu()
