@@ -81,7 +81,7 @@ class Backbone:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised float32 text embeddings (N, D)."""
         if self.text_padding_id is not None:
-            tokens = _without_padding_columns(tokens, self.text_padding_id)
+            tokens = without_padding_columns(tokens, self.text_padding_id)
         with self.autocast():
             return self.model.encode_text(tokens.to(self.device)).float()
 
@@ -127,7 +127,7 @@ def _masked_padding_id(model: nn.Module) -> int | None:
     return text.config.pad_token_id if isinstance(text, HFTextEncoder) else None
 
 
-def _without_padding_columns(tokens: torch.Tensor, padding_id: int) -> torch.Tensor:
+def without_padding_columns(tokens: torch.Tensor, padding_id: int) -> torch.Tensor:
     """`tokens` cut after the last column holding a real token in some row. The tower masks padding out
     of attention and pooling, so the embeddings are the same up to float rounding, and a prompt of 12
     tokens no longer pays for the tokenizer's 64 (docs/benchmarks.md: "lite's text tower without the
