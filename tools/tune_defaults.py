@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = prepare_dataset()
     backbone = adaclip.create_backbone(args.backbone, None)
+    # Per seed, once: what a fit sees (its shots, and its own validation with --val-split auto) and the
+    # images scored instead, which are none of those.
+    seen: dict[int, set] = {}
+    scored: dict[int, list] = {}
+    for seed in args.seeds:
+        chosen = prepare_training_data(
+            data / "train", classes_file=data / "classes.json", shots=args.shots, seed=seed, val_split=val_split
+        )
+        seen[seed] = {image.path for image in [*chosen.train, *chosen.val]}
+        scored[seed] = validation_images(data, seen[seed], args.val_per_class, seed)[1]
     for raw in args.settings:
         settings = json.loads(raw)
         for seed in args.seeds:
@@ -73,13 +83,10 @@ def main(argv: list[str] | None = None) -> None:
                 config=settings,
             )
             fit_seconds = time.perf_counter() - started
-            taken = {data / "train" / f for f in adapter.metadata.data.files}
-            if val_split:  # the fit's validation images, as fit chose them: not scored either
-                chosen = prepare_training_data(
-                    data / "train", classes_file=data / "classes.json", shots=args.shots, seed=seed, val_split=val_split
-                )
-                taken |= {image.path for image in chosen.val}
-            _, val = validation_images(data, taken, args.val_per_class, seed)
+            trained_on = {data / "train" / f for f in adapter.metadata.data.files}
+            if not trained_on <= seen[seed]:
+                sys.exit(f"seed {seed}: the fit trained on images outside its sample; the scored set may overlap")
+            val = scored[seed]
             encoded = encode_images(adapter.model, val, backbone.eval_transform(), batch_size=128)
             predictions = logits_in_batches(adapter.model, encoded.features).argmax(-1).cpu()
             accuracy = float((predictions == encoded.labels.cpu()).float().mean())
