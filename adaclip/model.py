@@ -164,10 +164,16 @@ class AdaptedCLIP(nn.Module):
         """Normalised (K, D) class features; cached unless the text side is being trained."""
         trains_text = self.training and torch.is_grad_enabled() and not self.text_tower_frozen
         if not trains_text and self._class_cache is not None:
-            return self._class_cache
-        features = self._compute_class_features()
-        if not trains_text:
-            self._class_cache = features.detach()
+            features = self._class_cache
+        else:
+            features = self._compute_class_features()
+            if not trains_text:
+                self._class_cache = features.detach()
+        # Offsets on the encoded features (a learned classifier residual) apply after the cache, so they
+        # train even while the text tower is frozen and its features are cached.
+        for component in self.components:
+            if component.enabled:
+                features = component.offset_class_features(features, self.class_names)
         return features
 
     def _compute_class_features(self) -> torch.Tensor:

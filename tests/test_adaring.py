@@ -413,3 +413,53 @@ def test_logit_consistency_uses_promptsrc_reduction(tiny_backbone):
     p, log_p, log_q = teacher.softmax(-1), teacher.log_softmax(-1), logits.log_softmax(-1)
     expected = (p * (log_p - log_q)).sum() / (6 * len(classes))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+# --- class offsets (`--set class_offsets=true`) -----------------------------------------------------
+
+
+def test_class_offsets_start_at_zero_and_add_to_each_trained_class(tiny_backbone):
+    """Logits = scale * image @ (class features + offset)^T, written out here in plain torch."""
+    classes, templates = ["red circle", "green square", "blue stripes"], ["a photo of a {}."]
+    plain = AdaptedCLIP(tiny_backbone, make_method_config("adaring", ALL_BLOCKS), classes, templates, seed=4)
+    offset = AdaptedCLIP(
+        tiny_backbone, make_method_config("adaring", {**ALL_BLOCKS, "class_offsets": True}), classes, templates, seed=4
+    )
+    pixels = _pixels(tiny_backbone)
+    with torch.no_grad():
+        assert torch.equal(offset(pixels), plain(pixels))  # zero offsets: the same model at step 0
+        for model in (plain, offset):
+            for group in model.components[0].groups.values():
+                for ring in group.up:
+                    ring.cores[-1].fill_(0.05)
+        values = torch.randn(3, tiny_backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+        offset.components[1].offsets.copy_(values)
+        image = plain.image_features(pixels)
+        expected = tiny_backbone.logit_scale * image @ (plain.class_features() + values).t()
+        torch.testing.assert_close(offset(pixels), expected, rtol=0, atol=1e-5)
+        # other names: a trained name keeps its row, a new one gets none
+        offset.set_classes(["blue stripes", "yellow star"])
+        plain.set_classes(["blue stripes", "yellow star"])
+        shifted = plain.class_features() + torch.stack([values[2], torch.zeros_like(values[2])])
+        expected = tiny_backbone.logit_scale * plain.image_features(pixels) @ shifted.t()
+        torch.testing.assert_close(offset(pixels), expected, rtol=0, atol=1e-5)
+    assert offset.parameter_breakdown()["components.1.offsets"] == 3 * tiny_backbone.embed_dim
+
+
+def test_class_offsets_train_save_and_load(dataset, tiny_backbone, tmp_path):
+    adapter = adaclip.fit(
+        dataset, method="adaring", backbone=tiny_backbone, epochs=2, lr=1e-2, seed=0, class_offsets=True, **ALL_BLOCKS
+    )
+    offsets = adapter.model.components[1].offsets
+    assert offsets.abs().max() > 0  # it trained
+    loaded = adaclip.load(adapter.save(tmp_path / "offsets.adaclip"), backbone=tiny_backbone)
+    assert torch.equal(loaded.model.components[1].offsets, offsets)
+    pixels = _pixels(tiny_backbone, n=6, seed=5)
+    assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
+    # frozen text tower (image blocks only): the offsets still train, after the class-feature cache
+    image_only = adaclip.fit(
+        dataset, method="adaring", backbone=tiny_backbone, epochs=2, lr=1e-2, seed=0, class_offsets=True,
+        blocks="all", towers="image",
+    )
+    assert image_only.model.text_tower_frozen
+    assert image_only.model.components[1].offsets.abs().max() > 0

@@ -56,6 +56,7 @@ from ..errors import UsageError
 from ..inject import Block, BlockSelection, ParallelBranchHook
 from ..tensor_ring import TensorRing, balanced_factors
 from .base import Component, MethodConfig, Parts, TrainConfig
+from .class_offsets import ClassOffsets
 from .contexts import BuildContext
 from .registry import register_method
 
@@ -92,6 +93,13 @@ class AdaRingSettings(BlockSelection):
     logit_consistency: float = Field(
         1.25, ge=0, description="weight of KL(zero-shot || adapted) on logits, summed / (batch x classes) as PromptSRC"
     )
+    class_offsets: bool = Field(
+        False,
+        description=(
+            "also learn an offset per trained class on its class features, started at zero (the classifier "
+            "starts at the prompts' features); classes not trained on get none"
+        ),
+    )
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -114,7 +122,10 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
     train: TrainConfig = TrainConfig(epochs=10, lr=1e-2, weight_decay=1e-4, batch_size=32, warmup_epochs=1)
 
     def build(self, ctx: BuildContext) -> Parts:
-        return Parts(components=[AdaRingAdapters(self, ctx.backbone)])
+        components: list[Component] = [AdaRingAdapters(self, ctx.backbone)]
+        if self.class_offsets:
+            components.append(ClassOffsets(ctx.class_names, ctx.backbone.embed_dim))
+        return Parts(components=components)
 
 
 # ------------------------------------------------------------------------------------------ layer groups

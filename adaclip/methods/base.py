@@ -184,6 +184,11 @@ class Component(nn.Module):
         """Override to compute class features differently (learned prompts); None keeps the default."""
         return None
 
+    def offset_class_features(self, features: torch.Tensor, class_names: list[str]) -> torch.Tensor:
+        """Override to change the encoded (K, D) class features of `class_names` (a learned residual per
+        class); the default returns them unchanged."""
+        return features
+
     def merge(self) -> None:
         """Precompute whatever makes inference cheaper; training after merge() needs unmerge()."""
 
