@@ -458,8 +458,15 @@ def test_class_offsets_train_save_and_load(dataset, tiny_backbone, tmp_path):
     assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
     # frozen text tower (image blocks only): the offsets still train, after the class-feature cache
     image_only = adaclip.fit(
-        dataset, method="adaring", backbone=tiny_backbone, epochs=2, lr=1e-2, seed=0, class_offsets=True,
-        blocks="all", towers="image",
+        dataset,
+        method="adaring",
+        backbone=tiny_backbone,
+        epochs=2,
+        lr=1e-2,
+        seed=0,
+        class_offsets=True,
+        blocks="all",
+        towers="image",
     )
     assert image_only.model.text_tower_frozen
     assert image_only.model.components[1].offsets.abs().max() > 0
