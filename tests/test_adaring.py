@@ -444,6 +444,8 @@ def test_class_offsets_start_at_zero_and_add_to_each_trained_class(tiny_backbone
         expected = tiny_backbone.logit_scale * plain.image_features(pixels) @ shifted.t()
         torch.testing.assert_close(offset(pixels), expected, rtol=0, atol=1e-5)
     assert offset.parameter_breakdown()["components.1.offsets"] == 3 * tiny_backbone.embed_dim
+    # their own learning rate: class_offsets_lr_scale x train.lr
+    assert offset.lr_scales() == {id(offset.components[1].offsets): 0.1}
 
 
 def test_class_offsets_train_save_and_load(dataset, tiny_backbone, tmp_path):

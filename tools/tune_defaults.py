@@ -5,6 +5,13 @@ Fits a method with several settings on K shots per class sampled from Fashion-MN
 chosen defaults and this script's output are recorded in docs/tuning.md.
 
     python -m tools.tune_defaults adaring '{}' '{"train": {"lr": 0.01}}'
+
+`--protocol base-to-new` runs the accuracy suite's base-to-new protocol (adaclip.comparison: 16 shots on
+the first 5 classes, new = the other 5) on a split of the training images alone: `--val-per-class`
+images per class are scored, 500 others per class are the pool the shots and the fit's own validation
+are drawn from (symlinks under ~/.cache/adaclip/bench/, written once).
+
+    python -m tools.tune_defaults adaring '{}' --protocol base-to-new --val-per-class 50 --seeds 1 2
 """
 
 from __future__ import annotations
@@ -31,6 +38,55 @@ def validation_images(data, shots_taken: set, per_class: int, seed: int):
     return folder, chosen
 
 
+def training_split_folders(data, per_class: int, pool_per_class: int = 500):
+    """root/{train,test}/<class>/ of symlinks to Fashion-MNIST *training* images: `per_class` scored
+    images per class in test/, `pool_per_class` others in train/; no image in both, none from t10k."""
+    root = data.parent / f"{data.name}-train-split-{per_class}-{pool_per_class}"
+    if (root / ".complete").exists():
+        return root
+    rng = random.Random(12345)
+    for folder in sorted(p for p in (data / "train").iterdir() if p.is_dir()):
+        files = sorted(folder.glob("*.png"))
+        picked = rng.sample(files, per_class + pool_per_class)
+        for split, chosen in (("test", picked[:per_class]), ("train", picked[per_class:])):
+            (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for image in chosen:
+                link = root / split / folder.name / image.name
+                if not link.is_symlink():
+                    link.symlink_to(image)
+    (root / "classes.json").write_text((data / "classes.json").read_text())
+    (root / ".complete").write_text("ok\n")
+    return root
+
+
+def base_to_new(args, backbone, data) -> None:
+    """Each candidate through the product's base-to-new comparison on a training-only split."""
+    from adaclip.comparison import Comparison, make_protocol
+    from adaclip.inference import SharedEncodings
+    from benchmarks.accuracy import BASE
+
+    root = training_split_folders(data, args.val_per_class)
+    split = make_protocol(
+        root, shots=args.shots, classes=root / "classes.json", val_split="auto", base_to_new=sorted(BASE)
+    )
+    shared = SharedEncodings()
+    for raw in args.settings:
+        settings = json.loads(raw)
+        comparison = Comparison(
+            split, backbone, templates=args.templates, batch_size=32, shared=shared, config={args.method: settings}
+        )
+        for seed in args.seeds:
+            result = comparison.run(args.method, seed)
+            if result.status != "ok":
+                sys.exit(f"{args.method} {settings} seed {seed} failed: {result.error}")
+            base, new = result.accuracy, result.new_accuracy
+            hm = 2 * base * new / (base + new) if new else None
+            record = {"method": args.method, "settings": settings, "seed": seed, "protocol": "base-to-new"}
+            record |= {"base": round(base, 4), "new": round(new, 4) if new is not None else None}
+            record |= {"hm": round(hm, 4) if hm is not None else None, "fit_seconds": round(result.fit_seconds, 1)}
+            print(json.dumps(record), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method")
@@ -46,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the fit's own validation (what a method searches or tracks): 0 (none) or 'auto' (the product's "
         "min(shots, 4) per class); its images are never among the scored ones",
     )
+    parser.add_argument("--protocol", choices=["few-shot", "base-to-new"], default="few-shot")
     args = parser.parse_args(argv)
     val_split = args.val_split if args.val_split == "auto" else float(args.val_split)
 
@@ -57,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = prepare_dataset()
     backbone = adaclip.create_backbone(args.backbone, None)
+    if args.protocol == "base-to-new":
+        return base_to_new(args, backbone, data)
     # Per seed, once: what a fit sees (its shots, and its own validation with --val-split auto) and the
     # images scored instead, which are none of those.
     seen: dict[int, set] = {}

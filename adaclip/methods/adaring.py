@@ -100,6 +100,8 @@ class AdaRingSettings(BlockSelection):
             "starts at the prompts' features); classes not trained on get none"
         ),
     )
+    # At the rings' learning rate the offsets overfit 4 shots (docs/tuning.md); a tenth of it validated best.
+    class_offsets_lr_scale: float = Field(0.1, gt=0, description="the offsets' learning rate relative to train.lr")
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -124,7 +126,9 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
     def build(self, ctx: BuildContext) -> Parts:
         components: list[Component] = [AdaRingAdapters(self, ctx.backbone)]
         if self.class_offsets:
-            components.append(ClassOffsets(ctx.class_names, ctx.backbone.embed_dim))
+            offsets = ClassOffsets(ctx.class_names, ctx.backbone.embed_dim)
+            offsets.lr_scale = self.class_offsets_lr_scale
+            components.append(offsets)
         return Parts(components=components)
 
 
