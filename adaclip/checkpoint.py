@@ -107,6 +107,7 @@ def save_checkpoint(
     scheduler: Any,
     position: TrainingPosition,
     fingerprint: dict[str, Any],
+    averaging_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically (temp file + rename): an interrupted write leaves the previous checkpoint."""
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model_state.items()}
@@ -121,6 +122,8 @@ def save_checkpoint(
         "scheduler": _flatten(scheduler.state_dict(), "scheduler", tensors),
         "rng": _flatten(rng, "rng", tensors),
     }
+    if averaging_state is not None:
+        document["averaging"] = _flatten(averaging_state, "averaging", tensors)
     document["tensors_sha256"] = tensor_digest(tensors)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     header = {"adaclip_checkpoint": text, "adaclip_checkpoint_sha256": _text_digest(text)}
@@ -138,6 +141,7 @@ class LoadedCheckpoint:
     scheduler_state: dict[str, Any]
     rng: dict[str, Any]
     position: TrainingPosition
+    averaging_state: dict[str, Any] | None = None  # the running weight average (train.weight_averaging)
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> LoadedCheckpoint:
@@ -183,6 +187,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> LoadedCheckpoint
             scheduler_state=_unflatten(document["scheduler"], tensors),
             rng=_unflatten(document["rng"], tensors),
             position=TrainingPosition(**document["position"]),
+            averaging_state=_unflatten(document["averaging"], tensors) if "averaging" in document else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AdapterFileError(f"checkpoint is damaged ({type(exc).__name__}: {exc})", path=path) from None

@@ -68,6 +68,16 @@ class TrainConfig(BaseModel):
     cache_views: int = Field(
         4, ge=1, description="augmented views per image (feature_cache='augmented', reference_features='views')"
     )
+    weight_averaging: Literal["off", "gaussian"] = Field(
+        "off",
+        description=(
+            "'gaussian': end with a Gaussian-weighted average of the weights at each epoch's end (PromptSRC's "
+            "GPA), peaking at averaging_peak x epochs with spread averaging_spread x epochs"
+        ),
+    )
+    # PromptSRC's base-to-new recipe: mean epoch 15, std 1, of 20 epochs.
+    averaging_peak: float = Field(0.75, gt=0, le=1, description="where the averaging weights peak, x epochs")
+    averaging_spread: float = Field(0.05, gt=0, description="standard deviation of the averaging weights, x epochs")
     reference_features: Literal["views", "bypass", "unaugmented"] = Field(
         "views",
         description=(

@@ -21,14 +21,16 @@ class CheckpointPolicy:
     fingerprint: dict = field(default_factory=dict)
 
 
-def restore_training_state(policy: CheckpointPolicy, model, optimizer, scheduler) -> TrainingPosition:
-    """Load the checkpoint into the model's trainable parts, the optimizer, the scheduler and the RNGs;
-    returns where training stopped."""
+def restore_training_state(policy: CheckpointPolicy, model, optimizer, scheduler, averaging=None) -> TrainingPosition:
+    """Load the checkpoint into the model's trainable parts, the optimizer, the scheduler, the weight
+    average (when the run averages) and the RNGs; returns where training stopped."""
     loaded = load_checkpoint(policy.path, policy.fingerprint)
     try:
         model.load_state_dict(loaded.model_state, strict=True)
         optimizer.load_state_dict(loaded.optimizer_state)
         scheduler.load_state_dict(loaded.scheduler_state)
+        if averaging is not None:
+            averaging.load_state_dict(loaded.averaging_state)
         restore_rng(loaded.rng)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise checkpoint_does_not_fit(policy.path, exc) from None
@@ -37,7 +39,9 @@ def restore_training_state(policy: CheckpointPolicy, model, optimizer, scheduler
     return position
 
 
-def save_training_state(policy: CheckpointPolicy, model, optimizer, scheduler, position, dist_ctx: DistContext) -> None:
+def save_training_state(
+    policy: CheckpointPolicy, model, optimizer, scheduler, position, dist_ctx: DistContext, averaging=None
+) -> None:
     if dist_ctx.is_main:
         save_checkpoint(
             policy.path,
@@ -46,5 +50,6 @@ def save_training_state(policy: CheckpointPolicy, model, optimizer, scheduler, p
             scheduler=scheduler,
             position=position,
             fingerprint=policy.fingerprint,
+            averaging_state=averaging.state_dict() if averaging is not None else None,
         )
     dist_ctx.barrier()

@@ -30,6 +30,7 @@ from ..inference import report_skipped
 from ..methods import TrainConfig
 from ..model import AdaptedCLIP
 from ..ui import log, progress
+from .averaging import WeightAverage
 from .checkpointing import CheckpointPolicy, restore_training_state, save_training_state
 from .features import FeatureCache, ReferenceViews, training_features, use_feature_cache
 from .schedule import epoch_order, make_optimizer, make_scheduler, training_budget, validates_after
@@ -113,8 +114,12 @@ def train(
     epochs, total_steps = training_budget(cfg, n, data.shots, len(data.class_names), steps_per_epoch)
     optimizer = make_optimizer(params, cfg, model.lr_scales())
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
+    averaging = WeightAverage(params, cfg, epochs) if cfg.weight_averaging == "gaussian" else None
     resumed = checkpoint is not None and checkpoint.resume
-    position = restore_training_state(checkpoint, model, optimizer, scheduler) if resumed else TrainingPosition()
+    if resumed:
+        position = restore_training_state(checkpoint, model, optimizer, scheduler, averaging)
+    else:
+        position = TrainingPosition()
 
     wanted = ReferenceViews.wanted(model)
     references = ReferenceViews(model, data.train, cfg, workers, seed, dist_ctx.world) if wanted else None
@@ -191,15 +196,17 @@ def train(
                         and position.global_step % checkpoint.every_steps == 0
                         and position.step_in_epoch < steps_per_epoch
                     ):
-                        save_training_state(checkpoint, model, optimizer, scheduler, position, dist_ctx)
+                        save_training_state(checkpoint, model, optimizer, scheduler, position, dist_ctx, averaging)
                 images_seen = position.epoch_sums[2]
                 validate = validates_after(epoch, epochs)
+                if averaging is not None:
+                    averaging.add_epoch(epoch)  # before validation and the checkpoint, which see the raw weights
                 entry = _finish_epoch(model, position, scheduler, validator if validate else None, epoch)
                 epoch_seconds.append(time.perf_counter() - epoch_start)
                 if validate:
                     log.info(_epoch_line(entry, epochs, epoch_seconds[-1]))
                 if checkpoint is not None:
-                    save_training_state(checkpoint, model, optimizer, scheduler, position, dist_ctx)
+                    save_training_state(checkpoint, model, optimizer, scheduler, position, dist_ctx, averaging)
                 if on_epoch_end is not None:
                     seconds = epoch_seconds[-1]
                     on_epoch_end(
@@ -223,6 +230,9 @@ def train(
 
     if references is not None:
         references.flush()
+    if averaging is not None:
+        averaging.apply()
+        model.invalidate_class_cache()
     if cache is not None:
         skipped.update({s.path: s for s in cache.skipped})
     check_finite(
@@ -231,6 +241,8 @@ def train(
     model.eval()
     history = position.history
     final_val_accuracy = history[-1]["val_accuracy"] if history else None  # the last epoch always validates
+    if averaging is not None and final_val_accuracy is not None:
+        final_val_accuracy = validator.accuracy()  # of the averaged weights the adapter keeps
     if calibrate(model, validator):
         final_val_accuracy = validator.accuracy()  # after the head's settings were tuned on it
     record = TrainingRecord(
