@@ -33,7 +33,7 @@ from .device import select_device
 from .distributed import context_from_env, device_for_rank, init_distributed
 from .errors import AdapterFileError, InputError, UsageError, arg
 from .files import check_output_path
-from .methods import make_method_config, method_config_class
+from .methods import make_method_config, method_config_class, recorded_method_config
 from .model import AdaptedCLIP
 from .templates import resolve_templates
 from .training import CheckpointPolicy, EpochCallback, StepCallback, train
@@ -246,7 +246,7 @@ def load(
     path = Path(path)
     header = read_adapter_header(path)
     method_config_class(header.method)  # unknown method -> clear error before any heavy work
-    config = make_method_config(header.method, header.method_config)
+    config = recorded_method_config(header.method, header.method_config)
     dist_ctx = context_from_env()
     if dist_ctx.enabled:  # torchrun: one GPU per local rank; rank 0 reports for all (adaclip.sharding)
         device = device_for_rank(dist_ctx, select_device(device))

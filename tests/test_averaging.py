@@ -80,3 +80,32 @@ def test_resume_with_averaging_gives_the_uninterrupted_adapter(dataset, tiny_bac
     expected, got = read_adapter_file(reference)[1], read_adapter_file(path)[1]
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_file_written_before_averaging_existed_loads_without_it(dataset, tiny_backbone, tmp_path):
+    """An adapter file's recorded train settings are those of the adaclip that wrote it: a field it lacks
+    (weight averaging, for files older than it) keeps the behaviour of that time, not today's recipe."""
+    from adaclip.adapter_file import write_adapter_file
+
+    adapter = adaclip.fit(
+        dataset,
+        method="adaring",
+        backbone=tiny_backbone,
+        epochs=1,
+        seed=0,
+        val_split=0,
+        config={"train": {"weight_averaging": "off"}},
+        **RING,
+    )
+    metadata, tensors = read_adapter_file(adapter.save(tmp_path / "new.adaclip"))
+    old = metadata.model_copy(deep=True)
+    for field in ("weight_averaging", "averaging_peak", "averaging_spread"):
+        del old.method_config["train"][field]
+    path = write_adapter_file(tmp_path / "old.adaclip", tensors, old)
+    loaded = adaclip.load(path, backbone=tiny_backbone)
+    assert loaded.model.config.train.weight_averaging == "off"
+    assert loaded.model.config.text_consistency == adapter.model.config.text_consistency
+    # a file that records averaging keeps it
+    averaged = adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, epochs=1, seed=0, val_split=0, **RING)
+    again = adaclip.load(averaged.save(tmp_path / "averaged.adaclip"), backbone=tiny_backbone)
+    assert again.model.config.train.weight_averaging == "gaussian"

@@ -19,6 +19,7 @@ from .registry import (
     make_method_config,
     method_config_class,
     method_registry,
+    recorded_method_config,
     register_method,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "deep_merge",
     "list_methods",
     "make_method_config",
+    "recorded_method_config",
     "method_config_class",
     "method_registry",
     "register_method",

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from ..errors import UsageError
 from ..method_catalog import BUILTIN_MODULES
-from .base import MethodConfig
+from .base import MethodConfig, TrainConfig
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 _loaded = False
@@ -74,3 +74,14 @@ def make_method_config(name: str, overrides: dict[str, Any] | None = None) -> Me
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         )
         raise UsageError(f"invalid {name} settings: {problems}") from None
+
+
+def recorded_method_config(name: str, recorded: dict[str, Any]) -> MethodConfig:
+    """The config an adapter file recorded. Its `train` holds every TrainConfig field of the adaclip that
+    wrote it, so a field it lacks is newer than the file and takes TrainConfig's own default (the
+    behaviour before that field existed), not today's method recipe (e.g. AdaRing files written before
+    weight averaging did not average)."""
+    train = recorded.get("train")
+    if isinstance(train, dict):
+        recorded = {**recorded, "train": deep_merge(TrainConfig().model_dump(mode="json"), train)}
+    return make_method_config(name, recorded)
