@@ -102,6 +102,7 @@ class Adapter:
                 prefix = f"components.{index}."
                 state = {k: v for k, v in state.items() if not k.startswith(prefix)}
                 state.update({prefix + k: v for k, v in component_state.items()})
+        model.adapt_to_state(state)
         model.load_state_dict(state, strict=True)
         metadata = self.metadata.model_copy(update={"method_config": merged_config.model_dump(mode="json")})
         return Adapter(model, metadata)

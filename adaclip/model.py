@@ -138,6 +138,7 @@ class AdaptedCLIP(nn.Module):
         self.class_names = list(class_names)
         self._class_cache = None
         self._zero_shot_cache = None
+        self.head.score_classes(self.class_names)
 
     # --- features ---------------------------------------------------------------------------------
 

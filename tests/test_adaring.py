@@ -9,7 +9,7 @@ from torch import nn
 import adaclip
 from adaclip.errors import UsageError
 from adaclip.inject import ParallelBranchHook, discover_blocks, parse_block_selection
-from adaclip.methods import make_method_config
+from adaclip.methods import FeatureSet, make_method_config
 from adaclip.model import AdaptedCLIP
 from adaclip.tensor_ring import TensorRing, balanced_factors, tr_num_parameters, tr_to_tensor
 
@@ -472,3 +472,101 @@ def test_class_offsets_train_save_and_load(dataset, tiny_backbone, tmp_path):
     )
     assert image_only.model.text_tower_frozen
     assert image_only.model.components[1].offsets.abs().max() > 0
+
+
+# --- training cache (`--set training_cache=true`) --------------------------------------------------
+
+
+def _plain_cache_logits(features, keys, labels, n_classes, alpha, beta):
+    """Tip-Adapter's cache model from its paper: alpha * exp(-beta * (1 - f K^T)) one_hot(labels)."""
+    one_hot = torch.zeros(len(labels), n_classes)
+    one_hot[torch.arange(len(labels)), labels] = 1.0
+    return alpha * torch.exp(-beta * (1.0 - features @ keys.t())) @ one_hot
+
+
+@pytest.mark.parametrize("method", ["adaring", "adaring+rada"])
+def test_training_cache_adds_tip_adapters_cache_to_the_methods_scores_by_class_name(tiny_backbone, method):
+    classes, templates = ["red circle", "green square", "blue stripes"], ["a photo of a {}."]
+    plain = AdaptedCLIP(tiny_backbone, make_method_config(method, ALL_BLOCKS), classes, templates, seed=4)
+    cached = AdaptedCLIP(
+        tiny_backbone, make_method_config(method, {**ALL_BLOCKS, "training_cache": True}), classes, templates, seed=4
+    )
+    pixels = _pixels(tiny_backbone)
+    with torch.no_grad():
+        assert torch.equal(cached(pixels), plain(pixels))  # an empty cache adds nothing
+        for model in (plain, cached):
+            for group in model.components[0].groups.values():
+                for ring in group.up:
+                    ring.cores[-1].fill_(0.05)
+            if method == "adaring+rada":
+                head = model.head.inner if model is cached else model.head
+                head.load_state_dict(plain.head.state_dict())
+                torch.nn.init.normal_(head.out_proj.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(0)
+        keys = torch.nn.functional.normalize(torch.randn(7, tiny_backbone.embed_dim, generator=generator), dim=-1)
+        labels = torch.tensor([0, 1, 2, 2, 0, 1, 2])
+        cached.head.fit_training_features(FeatureSet(keys, labels))
+        cached.head.alpha.fill_(3.0)
+        cached.head.beta.fill_(2.5)
+        image = plain.image_features(pixels)
+        expected = plain(pixels) + _plain_cache_logits(image, keys, labels, 3, 3.0, 2.5)
+        torch.testing.assert_close(cached(pixels), expected, rtol=0, atol=1e-5)
+        # other names: a trained name keeps its cache column, a new one gets none
+        for model in (plain, cached):
+            model.set_classes(["blue stripes", "yellow star"])
+        cache = _plain_cache_logits(image, keys, labels, 3, 3.0, 2.5)
+        expected = plain(pixels) + torch.stack([cache[:, 2], torch.zeros(len(image))], dim=1)
+        torch.testing.assert_close(cached(pixels), expected, rtol=0, atol=1e-5)
+        for model in (plain, cached):
+            model.set_classes(classes)
+        torch.testing.assert_close(cached(pixels), plain(pixels) + cache, rtol=0, atol=1e-5)
+    assert cached.n_trainable() == plain.n_trainable()  # the cache is data, not trained
+
+
+def test_training_cache_is_built_after_training_from_the_trained_features(
+    dataset, tiny_backbone, tmp_path, monkeypatch
+):
+    from adaclip.data import prepare_training_data
+    from adaclip.inference import encode_images
+
+    sizes_while_training = []
+    original = AdaptedCLIP.training_loss
+
+    def training_loss(self, *args, **kwargs):
+        sizes_while_training.append(len(self.head.cache_keys))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptedCLIP, "training_loss", training_loss)
+    data = prepare_training_data(dataset / "train", shots=4, seed=0, val_split="auto")
+    adapter = adaclip.fit(
+        data, method="adaring", backbone=tiny_backbone, epochs=2, lr=1e-2, seed=0, training_cache=True, **ALL_BLOCKS
+    )
+    assert sizes_while_training and set(sizes_while_training) == {0}  # the loss is AdaRing's own
+    head = adapter.model.head
+    trained = encode_images(adapter.model, data.train, tiny_backbone.eval_transform())
+    # the trained model's features, un-augmented (batching may change the last bits)
+    torch.testing.assert_close(head.cache_keys, trained.features, rtol=0, atol=1e-6)
+    assert torch.equal(head.cache_values.argmax(dim=-1), trained.labels)
+    # searched on the validation images (the configured 1.0 / 5.5 would stay otherwise)
+    assert (float(head.alpha), float(head.beta)) != (1.0, 5.5)
+    loaded = adaclip.load(adapter.save(tmp_path / "cache.adaclip"), backbone=tiny_backbone)
+    assert torch.equal(loaded.model.head.cache_keys, head.cache_keys)
+    pixels = _pixels(tiny_backbone, n=6, seed=5)
+    assert torch.equal(loaded.logits(pixels), adapter.logits(pixels))
+    merged = loaded.merged()  # export --merged keeps the cache
+    assert torch.equal(merged.model.head.cache_keys, head.cache_keys)
+    torch.testing.assert_close(merged.logits(pixels), adapter.logits(pixels), rtol=0, atol=1e-5)
+    # TTA puts RAda's mask in the cosine head's place and keeps the cache's scores as they are
+    adapted = loaded.tta(dataset / "test", mode="online", batch_size=8, lr=1e-2).adapter
+    assert adapted.method == "adaring+rada" and adapted.metadata.method_config["training_cache"] is True
+    assert torch.equal(adapted.model.head.cache_keys, head.cache_keys)
+    assert torch.equal(adapted.model.head.alpha, head.alpha) and torch.equal(adapted.model.head.beta, head.beta)
+    assert adapted.model.head.inner.out_proj.weight.abs().max() > 0  # the mask adapted
+    reloaded = adaclip.load(adapted.save(tmp_path / "cache-tta.adaclip"), backbone=tiny_backbone)
+    assert torch.equal(reloaded.logits(pixels), adapted.logits(pixels))
+    # no validation images: nothing to search on, the configured values stay
+    unvalidated = adaclip.fit(
+        dataset, method="adaring", backbone=tiny_backbone, epochs=1, seed=0, val_split=0, training_cache=True
+    )
+    assert len(unvalidated.model.head.cache_keys) == 4 * 12
+    assert (float(unvalidated.model.head.alpha), float(unvalidated.model.head.beta)) == (1.0, 5.5)

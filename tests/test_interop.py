@@ -184,7 +184,13 @@ def test_peft_export_refuses_the_out_projection(dataset, tmp_path):
 
 @pytest.mark.parametrize(
     ("method", "settings"),
-    [("lora", {}), ("adaring", {"blocks": "all"}), ("rada", {}), ("tip-adapter", {})],
+    [
+        ("lora", {}),
+        ("adaring", {"blocks": "all"}),
+        ("adaring", {"blocks": "all", "training_cache": True}),
+        ("rada", {}),
+        ("tip-adapter", {}),
+    ],
 )
 def test_onnxruntime_matches_adaclip_logits(dataset, tmp_path, method, settings):
     ort = pytest.importorskip("onnxruntime")

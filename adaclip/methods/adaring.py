@@ -39,6 +39,10 @@ adaclip's reconstruction (every item below is a field of `AdaRingConfig`):
     fixed augmented crops whose frozen features are kept once computed
     (TrainConfig.reference_features="views"), so the extra frozen forward is paid in the first
     `cache_views` epochs only ("bypass": fresh crops, one extra frozen forward every step).
+  * Training cache (`training_cache`): after training, Tip-Adapter's cache model over the trained model's
+    own features of the training images is added to the scores, its alpha and beta searched on the
+    validation images (adaclip.methods.training_cache). Names not trained on get no cache, so AdaRing
+    stays class-agnostic; TTA's mask replaces the cosine head under it.
   * Efficiency: each group's per-layer matrices are materialised once per tower pass (a chain of small
     matrix products); `merge()` freezes them for inference, and `adaclip export --merged` stores them
     so predict never reconstructs. Backward stops at the first adapted block, as nothing before it
@@ -57,10 +61,11 @@ from torch import nn
 from ..errors import UsageError
 from ..inject import Block, BlockSelection, ParallelBranchHook
 from ..tensor_ring import TensorRing, balanced_factors
-from .base import Component, MethodConfig, Parts, TrainConfig
+from .base import Component, CosineHead, Head, MethodConfig, Parts, TrainConfig
 from .class_offsets import ClassOffsets
 from .contexts import BuildContext
 from .registry import register_method
+from .training_cache import TrainingCacheHead
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -105,6 +110,13 @@ class AdaRingSettings(BlockSelection):
     )
     # At the rings' learning rate the offsets overfit 4 shots (docs/tuning.md); a tenth of it validated best.
     class_offsets_lr_scale: float = Field(0.1, gt=0, description="the offsets' learning rate relative to train.lr")
+    training_cache: bool = Field(
+        False,
+        description=(
+            "after training, add Tip-Adapter's cache of the training images' adapted features to the scores "
+            "(alpha, beta searched on the validation images); class names not trained on get no cache"
+        ),
+    )
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -136,13 +148,20 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
         averaging_spread=0.6,
     )
 
+    def classifier_head(self, ctx: BuildContext) -> Head:
+        """The head that turns features into scores (the training cache, if on, adds to it)."""
+        return CosineHead()
+
     def build(self, ctx: BuildContext) -> Parts:
         components: list[Component] = [AdaRingAdapters(self, ctx.backbone)]
         if self.class_offsets:
             offsets = ClassOffsets(ctx.class_names, ctx.backbone.embed_dim)
             offsets.lr_scale = self.class_offsets_lr_scale
             components.append(offsets)
-        return Parts(components=components)
+        head = self.classifier_head(ctx)
+        if self.training_cache:
+            head = TrainingCacheHead(head, ctx.class_names, ctx.backbone.embed_dim)
+        return Parts(components=components, head=head)
 
 
 # ------------------------------------------------------------------------------------------ layer groups

@@ -234,6 +234,9 @@ class Head(nn.Module):
 
     uses_training_features: ClassVar[bool] = False
     uses_validation_features: ClassVar[bool] = False
+    # True: fit_training_features gets the trained model's features, after the last step (a cache of an
+    # adapted image tower's own features), instead of before the first.
+    fits_after_training: ClassVar[bool] = False
     calibrates_without_validation: bool = False  # calibrate(None, ...) is called when there is no validation set
     calibrates_before_training: bool = False  # calibrate is also called after fit_training_features, before training
     lr_scale: float = 1.0  # this part's learning rate = train.lr * lr_scale (set per instance to change)
@@ -248,6 +251,15 @@ class Head(nn.Module):
         """Tune settings on the validation features after training (None: there are none, and the head
         said it can tune without); return what was chosen (logged)."""
         return None
+
+    def score_classes(self, class_names: list[str]) -> None:
+        """The model now scores these class names (it was built for the names it was trained on): a head
+        with per-class state maps it by name."""
+
+    def with_classifier(self, classifier: Head) -> Head:
+        """This head with `classifier` scoring images against class features in its place (TTA puts RAda's
+        mask there); a head that adds scores of its own on top keeps them. A plain head is replaced."""
+        return classifier
 
     def adapt_to_state(self, state: dict[str, torch.Tensor]) -> None:
         """Before a saved state is loaded: resize tensors whose shape depends on the training data

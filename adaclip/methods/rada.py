@@ -262,7 +262,5 @@ class AdaRingRAdaConfig(AdaRingConfig):
 
     mask: RationalMaskConfig = RationalMaskConfig()
 
-    def build(self, ctx: BuildContext) -> Parts:
-        parts = super().build(ctx)
-        parts.head = build_mask_head(ctx, self.mask)
-        return parts
+    def classifier_head(self, ctx: BuildContext) -> Head:
+        return build_mask_head(ctx, self.mask)

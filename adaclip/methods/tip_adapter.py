@@ -192,12 +192,21 @@ class TipAdapterHead(Head):
     def cache_logits(affinity: torch.Tensor, values: torch.Tensor, alpha, beta) -> torch.Tensor:
         return alpha * torch.exp(-beta * (1.0 - affinity)) @ values
 
+    def base_output(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
+        """The scores the cache is added to: CLIP's cosine logits (a subclass may put another head here)."""
+        return HeadOutput(logits=logit_scale * image_features @ class_features.t())
+
+    def scored_values(self) -> torch.Tensor:
+        """(N, K) values for the classes being scored: one column per class of the cache."""
+        return self.cache_values
+
     def forward(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
-        logits = logit_scale * image_features @ class_features.t()
+        out = self.base_output(image_features, class_features, logit_scale)
         if len(self.cache_keys):
             affinity = image_features @ self.cache_keys.t().to(image_features.dtype)
-            logits = logits + self.cache_logits(affinity, self.cache_values.to(logits.dtype), self.alpha, self.beta)
-        return HeadOutput(logits=logits)
+            values = self.scored_values().to(out.logits.dtype)
+            out.logits = out.logits + self.cache_logits(affinity, values, self.alpha, self.beta)
+        return out
 
     @property
     def calibrates_without_validation(self) -> bool:
@@ -244,7 +253,7 @@ class TipAdapterHead(Head):
         if not queries:
             return None
         features, truth, affinity = torch.cat(queries), torch.cat(labels), torch.cat(affinities)
-        zero_shot = logit_scale * features @ class_features.float().t()
+        zero_shot = self.base_output(features, class_features.float(), logit_scale).logits.float()
         correct, beta, alpha = search_alpha_beta(
             zero_shot,
             affinity,

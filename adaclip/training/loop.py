@@ -89,13 +89,14 @@ def train(
     backbone = model.backbone
     validator = Validator(model, data.val, workers, dist_ctx)
     cache = FeatureCache(model, data.train, cfg, seed, workers) if use_feature_cache(model, cfg) else None
-    if model.head.uses_training_features:
+    if model.head.uses_training_features and not model.head.fits_after_training:
         model.head.fit_training_features(training_features(model, data, cache, workers))
     if model.head.calibrates_before_training:
         calibrate(model, validator)  # e.g. Tip-Adapter-F trains at searched alpha, beta (scale-aware)
     params = model.trainable_parameters()
     budget = cfg.epochs or cfg.epochs_by_shots or cfg.iterations_per_shot
     if not model.config.trainable or not budget or not params:
+        _fit_trained_features(model, data, cache, workers)
         calibrate(model, validator)
         record = TrainingRecord(
             epochs=0,
@@ -239,6 +240,7 @@ def train(
         model.adapter_state(), "training produced non-finite values (NaN or inf) in {name}", None, fix=DIVERGED
     )
     model.eval()
+    _fit_trained_features(model, data, cache, workers)
     history = position.history
     final_val_accuracy = history[-1]["val_accuracy"] if history else None  # the last epoch always validates
     if averaging is not None and final_val_accuracy is not None:
@@ -257,6 +259,12 @@ def train(
         resumed=resumed,
     )
     return TrainingOutcome(record, time.perf_counter() - start, epoch_seconds)
+
+
+def _fit_trained_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers) -> None:
+    """A head built from the trained model's own features of the training images gets them now."""
+    if model.head.uses_training_features and model.head.fits_after_training:
+        model.head.fit_training_features(training_features(model, data, cache, workers))
 
 
 def _report_step(callback: StepCallback, sums: list[float], epoch: int, position, lr: float, start: float) -> float:

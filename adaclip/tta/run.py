@@ -143,7 +143,7 @@ class TestTimeAdaptation:
             self.start = "identity"
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.seed)
-                start_head = RationalMaskHead(model.backbone.embed_dim, settings.mask)
+                start_head = model.head.with_classifier(RationalMaskHead(model.backbone.embed_dim, settings.mask))
             config = None  # decided when the file is written
         start_head.requires_grad_(True)
         self.model: AdaptedCLIP = model.with_head(start_head, config or model.config)
