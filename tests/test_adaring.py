@@ -564,6 +564,16 @@ def test_training_cache_is_built_after_training_from_the_trained_features(
     assert adapted.model.head.inner.out_proj.weight.abs().max() > 0  # the mask adapted
     reloaded = adaclip.load(adapted.save(tmp_path / "cache-tta.adaclip"), backbone=tiny_backbone)
     assert torch.equal(reloaded.logits(pixels), adapted.logits(pixels))
+    # keys as the mean over augmented crops of each image, drawn from the seed
+    viewed = adaclip.fit(
+        data, method="adaring", backbone=tiny_backbone, epochs=1, seed=3, training_cache=True, training_cache_views=3
+    )
+    crops = tiny_backbone.train_transform(viewed.model.config.train.min_crop_scale)
+    passes = [encode_images(viewed.model, data.train, crops, seed=3, epoch=view).features for view in range(3)]
+    expected = torch.nn.functional.normalize(torch.stack(passes).mean(dim=0), dim=-1)
+    torch.testing.assert_close(viewed.model.head.cache_keys, expected, rtol=0, atol=1e-6)
+    unaugmented = encode_images(viewed.model, data.train, tiny_backbone.eval_transform()).features
+    assert (viewed.model.head.cache_keys - unaugmented).abs().max() > 1e-3
     # no validation images: nothing to search on, the configured values stay
     unvalidated = adaclip.fit(
         dataset, method="adaring", backbone=tiny_backbone, epochs=1, seed=0, val_split=0, training_cache=True

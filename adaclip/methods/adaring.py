@@ -117,6 +117,9 @@ class AdaRingSettings(BlockSelection):
             "(alpha, beta searched on the validation images); class names not trained on get no cache"
         ),
     )
+    training_cache_views: int = Field(
+        1, ge=1, description="the cache's key per image: the mean over this many augmented crops (1: the image itself)"
+    )
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -160,7 +163,7 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
             components.append(offsets)
         head = self.classifier_head(ctx)
         if self.training_cache:
-            head = TrainingCacheHead(head, ctx.class_names, ctx.backbone.embed_dim)
+            head = TrainingCacheHead(head, ctx.class_names, ctx.backbone.embed_dim, views=self.training_cache_views)
         return Parts(components=components, head=head)
 
 

@@ -237,6 +237,9 @@ class Head(nn.Module):
     # True: fit_training_features gets the trained model's features, after the last step (a cache of an
     # adapted image tower's own features), instead of before the first.
     fits_after_training: ClassVar[bool] = False
+    # fits_after_training heads: the features are the mean over this many augmented crops of each image
+    # (1: one un-augmented pass).
+    training_views: int = 1
     calibrates_without_validation: bool = False  # calibrate(None, ...) is called when there is no validation set
     calibrates_before_training: bool = False  # calibrate is also called after fit_training_features, before training
     lr_scale: float = 1.0  # this part's learning rate = train.lr * lr_scale (set per instance to change)

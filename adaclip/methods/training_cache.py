@@ -5,8 +5,9 @@ Why: at 4 shots the methods that led the accuracy suite build their classifier f
 features (Tip-Adapter, the linear probe), while an adapter inside the encoders keeps the prompts'
 cosine classifier. This head adds the first to the second after the adapter has trained.
 
-- Keys: the trained model's features of each training image (un-augmented; the mean of the cached
-  views when the image tower is frozen), built once after the last step and after weight averaging.
+- Keys: the trained model's features of each training image, un-augmented or the mean over
+  `training_cache_views` augmented crops (Tip-Adapter averages 10; the mean of the cached views when
+  the image tower is frozen), built once after the last step and after weight averaging.
   While training the cache is empty, so the loss is the method's own: a cache that holds the batch's
   own images would score them trivially.
 - alpha, beta: Tip-Adapter's search (scale-aware units) on the validation images only. Leave-one-out
@@ -34,9 +35,12 @@ from .tip_adapter import TipAdapterConfig, TipAdapterHead
 class TrainingCacheHead(TipAdapterHead):
     fits_after_training: ClassVar[bool] = True
 
-    def __init__(self, inner: Head, class_names: list[str], dim: int, *, alpha: float = 1.0, beta: float = 5.5):
+    def __init__(
+        self, inner: Head, class_names: list[str], dim: int, *, views: int = 1, alpha: float = 1.0, beta: float = 5.5
+    ):
         config = TipAdapterConfig(alpha=alpha, beta=beta, leave_one_out=False)
         super().__init__(len(class_names), dim, config)
+        self.training_views = views
         self.inner = inner
         self.lr_scale = inner.lr_scale
         self.trained_class_names = list(class_names)

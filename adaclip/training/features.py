@@ -63,9 +63,19 @@ def use_feature_cache(model: AdaptedCLIP, cfg: TrainConfig) -> bool:
     return model.image_tower_frozen and cfg.feature_cache != "off"
 
 
-def training_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers) -> FeatureSet:
+def training_features(
+    model: AdaptedCLIP,
+    data: TrainingData,
+    cache: FeatureCache | None,
+    workers,
+    *,
+    views: int = 1,
+    seed: int = 0,
+    min_crop_scale: float = 0.5,
+) -> FeatureSet:
     """Every readable training image's features, for heads built from them: the mean over the cached
-    views when the loop caches (augmented) features, else one un-augmented pass."""
+    views when the loop caches (augmented) features, else the mean over `views` augmented passes (crops
+    drawn from the seed), renormalised, or one un-augmented pass (views=1)."""
     if cache is not None:
         mean = torch.stack([cache.view(index) for index in range(cache.views)]).mean(dim=0)
         readable = torch.ones(len(data.train), dtype=torch.bool)
@@ -73,6 +83,22 @@ def training_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCach
             readable[item.index] = False
         labels = torch.tensor([im.label for im in data.train])[readable]
         return FeatureSet(F.normalize(mean[readable.to(mean.device)], dim=-1), labels.to(mean.device))
+    if views > 1:
+        crops = model.backbone.train_transform(min_crop_scale)
+        passes = [
+            encode_images(
+                model,
+                data.train,
+                crops,
+                workers=workers,
+                seed=seed,
+                epoch=view,
+                description=f"encoding training images (view {view + 1}/{views})",
+            )
+            for view in range(views)
+        ]
+        mean = torch.stack([encoded.features for encoded in passes]).mean(dim=0)
+        return FeatureSet(F.normalize(mean, dim=-1), passes[0].labels.to(mean.device))
     encoded = encode_images(
         model, data.train, model.backbone.eval_transform(), workers=workers, description="encoding training images"
     )

@@ -96,7 +96,7 @@ def train(
     params = model.trainable_parameters()
     budget = cfg.epochs or cfg.epochs_by_shots or cfg.iterations_per_shot
     if not model.config.trainable or not budget or not params:
-        _fit_trained_features(model, data, cache, workers)
+        _fit_trained_features(model, data, cache, workers, seed)
         calibrate(model, validator)
         record = TrainingRecord(
             epochs=0,
@@ -240,7 +240,7 @@ def train(
         model.adapter_state(), "training produced non-finite values (NaN or inf) in {name}", None, fix=DIVERGED
     )
     model.eval()
-    _fit_trained_features(model, data, cache, workers)
+    _fit_trained_features(model, data, cache, workers, seed)
     history = position.history
     final_val_accuracy = history[-1]["val_accuracy"] if history else None  # the last epoch always validates
     if averaging is not None and final_val_accuracy is not None:
@@ -261,10 +261,14 @@ def train(
     return TrainingOutcome(record, time.perf_counter() - start, epoch_seconds)
 
 
-def _fit_trained_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers) -> None:
+def _fit_trained_features(model: AdaptedCLIP, data: TrainingData, cache: FeatureCache | None, workers, seed) -> None:
     """A head built from the trained model's own features of the training images gets them now."""
-    if model.head.uses_training_features and model.head.fits_after_training:
-        model.head.fit_training_features(training_features(model, data, cache, workers))
+    head = model.head
+    if head.uses_training_features and head.fits_after_training:
+        views, min_crop_scale = head.training_views, model.config.train.min_crop_scale
+        head.fit_training_features(
+            training_features(model, data, cache, workers, views=views, seed=seed, min_crop_scale=min_crop_scale)
+        )
 
 
 def _report_step(callback: StepCallback, sums: list[float], epoch: int, position, lr: float, start: float) -> float:
