@@ -105,6 +105,12 @@ def test_a_file_written_before_averaging_existed_loads_without_it(dataset, tiny_
     loaded = adaclip.load(path, backbone=tiny_backbone)
     assert loaded.model.config.train.weight_averaging == "off"
     assert loaded.model.config.text_consistency == adapter.model.config.text_consistency
+    # a method setting added later with a default that changes behaviour: the file's time's value
+    del old.method_config["training_cache"]
+    for key in [k for k in tensors if k.startswith("head.")]:
+        del tensors[key]
+    older = adaclip.load(write_adapter_file(tmp_path / "older.adaclip", tensors, old), backbone=tiny_backbone)
+    assert older.model.config.training_cache is False and type(older.model.head).__name__ == "CosineHead"
     # a file that records averaging keeps it
     averaged = adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, epochs=1, seed=0, val_split=0, **RING)
     again = adaclip.load(averaged.save(tmp_path / "averaged.adaclip"), backbone=tiny_backbone)

@@ -39,10 +39,11 @@ adaclip's reconstruction (every item below is a field of `AdaRingConfig`):
     fixed augmented crops whose frozen features are kept once computed
     (TrainConfig.reference_features="views"), so the extra frozen forward is paid in the first
     `cache_views` epochs only ("bypass": fresh crops, one extra frozen forward every step).
-  * Training cache (`training_cache`): after training, Tip-Adapter's cache model over the trained model's
-    own features of the training images is added to the scores, its alpha and beta searched on the
-    validation images (adaclip.methods.training_cache). Names not trained on get no cache, so AdaRing
-    stays class-agnostic; TTA's mask replaces the cosine head under it.
+  * Training cache (`training_cache`, on by default: docs/tuning.md): after training, Tip-Adapter's
+    cache model over the trained model's own features of the training images is added to the scores,
+    its alpha and beta searched on the validation images (adaclip.methods.training_cache). Scoring a
+    class not trained on turns it off, so AdaRing stays class-agnostic; TTA's mask replaces the cosine
+    head under it.
   * Efficiency: each group's per-layer matrices are materialised once per tower pass (a chain of small
     matrix products); `merge()` freezes them for inference, and `adaclip export --merged` stores them
     so predict never reconstructs. Backward stops at the first adapted block, as nothing before it
@@ -51,7 +52,7 @@ adaclip's reconstruction (every item below is a field of `AdaRingConfig`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +111,13 @@ class AdaRingSettings(BlockSelection):
     )
     # At the rings' learning rate the offsets overfit 4 shots (docs/tuning.md); a tenth of it validated best.
     class_offsets_lr_scale: float = Field(0.1, gt=0, description="the offsets' learning rate relative to train.lr")
+    # The cache of the trained features validated above AdaRing alone at 4 and 16 shots and in base-to-new
+    # (docs/tuning.md); files written before it existed load without (settings_before_they_existed).
     training_cache: bool = Field(
-        False,
+        True,
         description=(
             "after training, add Tip-Adapter's cache of the training images' adapted features to the scores "
-            "(alpha, beta searched on the validation images); class names not trained on get no cache"
+            "(alpha, beta searched on the validation images); off when scoring a class name not trained on"
         ),
     )
     training_cache_views: int = Field(
@@ -136,6 +139,7 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
     summary: ClassVar[str] = "cross-layer tensor-ring adapters in both encoders (ultra-light)"
     has_merged_form: ClassVar[bool] = True
     masked_variant: ClassVar[str | None] = "adaring+rada"
+    settings_before_they_existed: ClassVar[dict[str, Any]] = {"training_cache": False}
 
     # AdamW with one warm-up epoch and cosine decay (the few-shot adapter recipe of CLIP-Adapter / MMA);
     # lr 1e-2 chosen on a Fashion-MNIST validation split (docs/tuning.md: 2e-3 underfits in 10 epochs).

@@ -120,6 +120,9 @@ class MethodConfig(BaseModel):
     # The registered method an adapter of this one becomes with RAda's mask (the file TTA writes; the
     # method itself when `has_mask`); None when there is none.
     masked_variant: ClassVar[str | None] = None
+    # Settings added after adapter files of this method existed, whose default is not what those files
+    # did: an adapter file that lacks one loads with the value given here (the behaviour of its time).
+    settings_before_they_existed: ClassVar[dict[str, Any]] = {}
 
     train: TrainConfig = TrainConfig()
 

@@ -80,8 +80,11 @@ def recorded_method_config(name: str, recorded: dict[str, Any]) -> MethodConfig:
     """The config an adapter file recorded. Its `train` holds every TrainConfig field of the adaclip that
     wrote it, so a field it lacks is newer than the file and takes TrainConfig's own default (the
     behaviour before that field existed), not today's method recipe (e.g. AdaRing files written before
-    weight averaging did not average)."""
+    weight averaging did not average). Likewise a method setting it lacks that the method lists in
+    `settings_before_they_existed` (AdaRing's training cache) takes the value listed there."""
     train = recorded.get("train")
     if isinstance(train, dict):
         recorded = {**recorded, "train": deep_merge(TrainConfig().model_dump(mode="json"), train)}
+    if name in method_registry():
+        recorded = {**method_config_class(name).settings_before_they_existed, **recorded}
     return make_method_config(name, recorded)

@@ -14,9 +14,12 @@ cosine classifier. This head adds the first to the second after the adapter has 
   scoring of training images is off: their trained features are not held out, and including them chose
   worse values on validation (docs/tuning.md). Without validation images the configured alpha and beta
   are kept (the training log says so).
-- Class names: the values hold one column per trained class. Scoring other names (base-to-new,
-  `predict --classes`), a trained name keeps its column and a new name gets none, so the method stays
-  class-agnostic and new classes score exactly as without the cache.
+- Class names: the values hold one column per trained class. Scoring a subset of the trained names
+  keeps their columns; scoring any name not trained on (base-to-new, `predict --classes`) turns the
+  cache off, so the method stays class-agnostic and scores exactly as without it. A per-name cache
+  (trained names keep their column, new ones get none) pulls images of the new classes to the trained
+  ones: on the accuracy suite's 10-class mix of base-to-new it cost AdaRing 9.6 points
+  (docs/benchmarks.md).
 - Cost: the file stores the cache, training images x embedding width numbers (160 x 512 floats at
   16 shots x 10 classes); nothing is added to the trainable parameters.
 """
@@ -44,7 +47,9 @@ class TrainingCacheHead(TipAdapterHead):
         self.inner = inner
         self.lr_scale = inner.lr_scale
         self.trained_class_names = list(class_names)
-        self._columns: torch.Tensor | None = None  # trained column per scored name (-1: none); None: as trained
+        # None: the trained names, as trained; else the trained column of each scored name, or an empty
+        # tensor when a scored name was not trained on (no cache)
+        self._columns: torch.Tensor | None = None
 
     def base_output(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
         return self.inner(image_features, class_features, logit_scale)
@@ -54,13 +59,27 @@ class TrainingCacheHead(TipAdapterHead):
             self._columns = None
             return
         index = {name: i for i, name in enumerate(self.trained_class_names)}
-        self._columns = torch.tensor([index.get(name, -1) for name in class_names], dtype=torch.long)
+        if all(name in index for name in class_names):
+            self._columns = torch.tensor([index[name] for name in class_names], dtype=torch.long)
+        else:
+            self._columns = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def active(self) -> bool:
+        """Whether the cache scores the current class names (all of them trained on)."""
+        return self._columns is None or len(self._columns) > 0
 
     def scored_values(self) -> torch.Tensor:
-        if self._columns is None:
-            return self.cache_values
-        padded = torch.cat([self.cache_values, self.cache_values.new_zeros(len(self.cache_values), 1)], dim=1)
-        return padded[:, self._columns.to(padded.device)]  # -1 picks the appended column of zeros
+        return (
+            self.cache_values
+            if self._columns is None
+            else self.cache_values[:, self._columns.to(self.cache_values.device)]
+        )
+
+    def forward(self, image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: float) -> HeadOutput:
+        if not self.active:
+            return self.base_output(image_features, class_features, logit_scale)
+        return super().forward(image_features, class_features, logit_scale)
 
     def with_classifier(self, classifier: Head) -> Head:
         """A copy with `classifier` in the inner head's place and the same cache (TTA's mask then weighs the

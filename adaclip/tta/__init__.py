@@ -16,7 +16,9 @@ Where the mask comes from:
   - an adapter with CLIP's cosine head (zeroshot, full-ft, adaring): a fresh mask at identity (zero
     out-projection, other projections drawn from `seed`), so adaptation starts exactly at the adapter's
     own predictions; the adapted file's method becomes the method's declared `masked_variant`
-    (zeroshot -> rada, full-ft -> rada-ft, adaring -> adaring+rada);
+    (zeroshot -> rada, full-ft -> rada-ft, adaring -> adaring+rada); a head that adds scores of its own
+    on top (AdaRing's training cache) keeps them, with the mask in place of the cosine head under it
+    (`Head.with_classifier`);
   - any other head (linear-probe scores with its own weight matrix, not with class features; its method
     declares `can_hold_mask = False`): refused, because the mask is defined on the rational matrix of
     image and class *features*.
