@@ -243,10 +243,10 @@ def train(
     _fit_trained_features(model, data, cache, workers, seed)
     history = position.history
     final_val_accuracy = history[-1]["val_accuracy"] if history else None  # the last epoch always validates
-    if averaging is not None and final_val_accuracy is not None:
-        final_val_accuracy = validator.accuracy()  # of the averaged weights the adapter keeps
-    if calibrate(model, validator):
-        final_val_accuracy = validator.accuracy()  # after the head's settings were tuned on it
+    calibrated = calibrate(model, validator)
+    # of what the adapter keeps: the averaged weights, the head's settings tuned on these images
+    if calibrated or (averaging is not None and final_val_accuracy is not None):
+        final_val_accuracy = validator.accuracy()
     record = TrainingRecord(
         epochs=epochs,
         steps=position.global_step,
