@@ -370,7 +370,9 @@ def test_consistency_terms_are_zero_at_step_zero_on_augmented_batches(dataset, t
     second epoch check the kept references too ('views' with one view: epoch 2 reuses epoch 1's crops)."""
     recorded = _terms_per_step(monkeypatch)
     train = {"lr": 1e-12, "epochs": 2, "augment": True, "cache_views": 1, "reference_features": reference}
-    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config={"train": train})
+    weights = {"text_consistency": 1.0, "image_consistency": 1.0, "logit_consistency": 1.0}  # float noise x 1
+    config = {"train": train, **weights}
+    adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, seed=0, val_split=0, config=config)
     assert len(recorded) >= 4 and set(recorded[0]) == {"text_l1", "image_l1", "logit_kl"}
     assert max(v for terms in recorded for v in terms.values()) < 1e-7, recorded
 
