@@ -83,7 +83,7 @@ def tta(
     ),
     steps: int = typer.Option(1, "--steps", help="Optimiser steps per image (episodic) or per batch (online)."),
     views: int = typer.Option(64, "--views", help="Episodic: views per image, the original included."),
-    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 5e-3 episodic, 1e-3 online)."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 5e-4 episodic, 1e-3 online)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Online: images per adaptation step."),
     seed: int = typer.Option(0, "--seed", help="Fixes the views and a fresh mask's initialisation."),
     labels: bool = typer.Option(

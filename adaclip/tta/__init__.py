@@ -29,7 +29,8 @@ Modes:
     crops (area 8-100%, TPT's RandomResizedCrop) + flips and the original view; the `confident_fraction`
     most confident views (lowest entropy) are selected once, before the first step, and kept for every
     step (TPT's `selected_idx`); the entropy of their averaged probability is minimised for `steps` AdamW
-    steps (weight decay 0.01, TPT's AdamW default); the prediction is made on the original view with the
+    steps (weight decay 0.01, TPT's AdamW default; lr 5e-4, a tenth of TPT's: a named deviation, see
+    adaclip.tta.settings); the prediction is made on the original view with the
     updated mask; then the mask and the optimiser are reset. Each image's views are drawn from a
     generator seeded with `seed` and the image's pixels, so an image's result does not depend on its
     position or name in the folder, and different images get different crops.
@@ -52,8 +53,8 @@ Modes:
     formulas). One view per image (TDA's ImageNet setting adds AugMix views). The cache lives for the
     stream only: there is no adapted file to write. Works on any adapter.
 
-Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step at lr 5e-3,
-weight decay 0.01). Online: lr 1e-3, one step per batch of 32, diversity and anchor weights 1. What they
+Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step, weight decay
+0.01) but lr 5e-4 where TPT's prompt takes 5e-3. Online: lr 1e-3, one step per batch of 32, diversity and anchor weights 1. What they
 do on corrupted Fashion-MNIST is measured by `python -m benchmarks.tta` (docs/benchmarks.md).
 """
 
