@@ -54,8 +54,9 @@ Modes:
     stream only: there is no adapted file to write. Works on any adapter.
 
 Defaults. Episodic: TPT's settings (64 views, the 10% most confident, one AdamW step, weight decay
-0.01) but lr 5e-4 where TPT's prompt takes 5e-3. Online: lr 1e-3, one step per batch of 32, diversity and anchor weights 1. What they
-do on corrupted Fashion-MNIST is measured by `python -m benchmarks.tta` (docs/benchmarks.md).
+0.01) but lr 5e-4 where TPT's prompt takes 5e-3. Online: lr 1e-3, one step per batch of 32, diversity
+and anchor weights 1. What they do on corrupted Fashion-MNIST is measured by `python -m benchmarks.tta`
+(docs/benchmarks.md).
 """
 
 from .objectives import confident, confident_rows, entropy, marginal_entropy, online_loss
