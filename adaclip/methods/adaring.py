@@ -75,6 +75,23 @@ if TYPE_CHECKING:
 _ACTIVATIONS = {"identity": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
+# The consistency weights' one definition; a method built on AdaRing may declare other defaults.
+def text_consistency_field(default: float) -> Any:
+    return Field(default, ge=0, description="weight of L1(text features, zero-shot text features)")
+
+
+def image_consistency_field(default: float) -> Any:
+    return Field(default, ge=0, description="weight of L1(image features, zero-shot image features)")
+
+
+def logit_consistency_field(default: float) -> Any:
+    return Field(
+        default,
+        ge=0,
+        description="weight of KL(zero-shot || adapted) on logits, summed / (batch x classes) as PromptSRC",
+    )
+
+
 class AdaRingSettings(BlockSelection):
     """AdaRing's own settings; shared by `adaring` and composite methods that include it."""
 
@@ -96,11 +113,9 @@ class AdaRingSettings(BlockSelection):
     # (PromptSRC's reduction). The defaults are PromptSRC's own weights, 25 / 10 / 1: without the training
     # cache they held the lite backbone near its zero-shot accuracy, with it they validated best across
     # 4 shots, 16 shots and base-to-new (docs/tuning.md, fourth study). adaring+rada keeps its own.
-    text_consistency: float = Field(25.0, ge=0, description="weight of L1(text features, zero-shot text features)")
-    image_consistency: float = Field(10.0, ge=0, description="weight of L1(image features, zero-shot image features)")
-    logit_consistency: float = Field(
-        1.0, ge=0, description="weight of KL(zero-shot || adapted) on logits, summed / (batch x classes) as PromptSRC"
-    )
+    text_consistency: float = text_consistency_field(25.0)
+    image_consistency: float = image_consistency_field(10.0)
+    logit_consistency: float = logit_consistency_field(1.0)
     class_offsets: bool = Field(
         False,
         description=(
