@@ -32,15 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import adaclip
-    from adaclip.comparison import make_protocol
     from adaclip.inference import encode_images
-    from benchmarks.accuracy import BASE, prepare_dataset
-    from tools.tune_defaults import training_split_folders
+    from benchmarks.accuracy import prepare_dataset
+    from tools.tune_defaults import base_to_new_split
 
     data = prepare_dataset()
     backbone = adaclip.create_backbone("lite", None)
-    root = training_split_folders(data, 50)
-    split = make_protocol(root, shots=16, classes=root / "classes.json", val_split="auto", base_to_new=sorted(BASE))
+    split = base_to_new_split(data, val_per_class=50, shots=16)
     config = json.loads(args.settings)
     for seed in args.seeds:
         started = time.perf_counter()

@@ -59,16 +59,22 @@ def training_split_folders(data, per_class: int, pool_per_class: int = 500):
     return root
 
 
-def base_to_new(args, backbone, data) -> None:
-    """Each candidate through the product's base-to-new comparison on a training-only split."""
-    from adaclip.comparison import Comparison, make_protocol
-    from adaclip.inference import SharedEncodings
+def base_to_new_split(data, val_per_class: int, shots: int):
+    """The accuracy suite's base-to-new protocol (its base classes, the product's own validation) on
+    `training_split_folders`: what `--protocol base-to-new` and tools.new_class_study score."""
+    from adaclip.comparison import make_protocol
     from benchmarks.accuracy import BASE
 
-    root = training_split_folders(data, args.val_per_class)
-    split = make_protocol(
-        root, shots=args.shots, classes=root / "classes.json", val_split="auto", base_to_new=sorted(BASE)
-    )
+    root = training_split_folders(data, val_per_class)
+    return make_protocol(root, shots=shots, classes=root / "classes.json", val_split="auto", base_to_new=sorted(BASE))
+
+
+def base_to_new(args, backbone, data) -> None:
+    """Each candidate through the product's base-to-new comparison on a training-only split."""
+    from adaclip.comparison import Comparison
+    from adaclip.inference import SharedEncodings
+
+    split = base_to_new_split(data, args.val_per_class, args.shots)
     shared = SharedEncodings()
     for raw in args.settings:
         settings = json.loads(raw)

@@ -82,23 +82,25 @@ def views_encoded_once(model):
 
 
 def diagnose(source, folder: Path, labels_file: Path, seed: int) -> dict:
-    """Before any step: correct images by the original view, by the mean of the confident 10% of the
-    views (what TPT's step sharpens) and by the mean of all views (TPT's defaults)."""
+    """Before any step: correct images by the original view, by the mean of the confident views (what
+    TPT's step sharpens) and by the mean of all views, with episodic mode's default views."""
     from adaclip.data import open_item
     from adaclip.tta import confident_rows, episodic_views
+    from adaclip.tta.settings import make_tta_settings
 
+    defaults = make_tta_settings(mode="episodic")
     model, backbone = source.model, source.model.backbone
     with open(labels_file, newline="") as handle:
         truth = {row["file"]: row["label"] for row in csv.DictReader(handle)}
     counts = {"images": 0, "original_view": 0, "confident_views": 0, "all_views": 0}
-    plain, crops = backbone.eval_transform(), backbone.train_transform(0.08)
+    plain, crops = backbone.eval_transform(), backbone.train_transform(defaults.min_crop_scale)
     with torch.no_grad():
         class_features = model.class_features()
         for path in sorted(folder.iterdir()):
-            pixels = episodic_views(open_item(path), seed, 64, plain, crops)
+            pixels = episodic_views(open_item(path), seed, defaults.views, plain, crops)
             logits = model.head_output(model.image_features(pixels), class_features).logits.float()
             label = source.metadata.class_folders.index(truth[path.name])
-            kept = confident_rows(logits, 0.1)
+            kept = confident_rows(logits, defaults.effective_confident_fraction)
             counts["images"] += 1
             counts["original_view"] += int(logits[0].argmax() == label)
             counts["confident_views"] += int(logits[kept].softmax(-1).mean(0).argmax() == label)
