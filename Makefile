@@ -19,8 +19,8 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check adaclip tests benchmarks
-	$(BIN)/ruff format --check adaclip tests benchmarks
+	$(BIN)/ruff check adaclip tests benchmarks tools
+	$(BIN)/ruff format --check adaclip tests benchmarks tools
 
 # fit -> eval -> predict -> tta on sample_data/ with the offline lite backbone; prints a summary table.
 demo: setup

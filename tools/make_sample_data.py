@@ -65,7 +65,8 @@ def write_labelled(out: Path, split_dir: str, images: np.ndarray, groups: list[n
 
 
 def write_shifted(out: Path, images: np.ndarray, labels: np.ndarray, used: set[int], rng: np.random.Generator) -> None:
-    """SHIFTED_TOTAL t10k images not in test/, SHIFTED_TOTAL / 10 per class, each with one corruption, plus their labels."""
+    """SHIFTED_TOTAL t10k images not in test/, SHIFTED_TOTAL / 10 per class, each with one corruption, plus
+    their labels."""
     groups = per_class_indices(labels, SHIFTED_TOTAL // len(FOLDERS), rng, exclude=used)
     chosen = rng.permutation(np.concatenate(groups))
     rows = []
