@@ -554,8 +554,11 @@ def test_training_cache_is_built_after_training_from_the_trained_features(
     # the trained model's features, un-augmented (batching may change the last bits)
     torch.testing.assert_close(head.cache_keys, trained.features, rtol=0, atol=1e-6)
     assert torch.equal(head.cache_values.argmax(dim=-1), trained.labels)
-    # searched on the validation images (the configured 1.0 / 5.5 would stay otherwise)
+    # searched on the validation images (the configured 1.0 / 5.5 would stay otherwise), ties decided by
+    # the training images (AdaRing's rule; adaring+rada keeps Tip-Adapter's first tied point)
     assert (float(head.alpha), float(head.beta)) != (1.0, 5.5)
+    assert head.config.search_ties == "training" and adapter.metadata.method_config["training_cache_ties"] == "training"
+    assert make_method_config("adaring+rada", {}).training_cache_ties == "first"
     loaded = adaclip.load(adapter.save(tmp_path / "cache.adaclip"), backbone=tiny_backbone)
     assert torch.equal(loaded.model.head.cache_keys, head.cache_keys)
     pixels = _pixels(tiny_backbone, n=6, seed=5)

@@ -111,6 +111,16 @@ def test_a_file_written_before_averaging_existed_loads_without_it(dataset, tiny_
         del tensors[key]
     older = adaclip.load(write_adapter_file(tmp_path / "older.adaclip", tensors, old), backbone=tiny_backbone)
     assert older.model.config.training_cache is False and type(older.model.head).__name__ == "CosineHead"
+    # the cache's tie rule: files from before it existed searched with the first tied point
+    del old.method_config["training_cache_ties"]
+    old.method_config["training_cache"] = False
+    assert (
+        adaclip.load(
+            write_adapter_file(tmp_path / "ties.adaclip", tensors, old), backbone=tiny_backbone
+        ).model.config.training_cache_ties
+        == "first"
+    )
+    assert adapter.model.config.training_cache_ties == "training"
     # a file that records averaging keeps it
     averaged = adaclip.fit(dataset, method="adaring", backbone=tiny_backbone, epochs=1, seed=0, val_split=0, **RING)
     again = adaclip.load(averaged.save(tmp_path / "averaged.adaclip"), backbone=tiny_backbone)

@@ -84,6 +84,15 @@ def image_consistency_field(default: float) -> Any:
     return Field(default, ge=0, description="weight of L1(image features, zero-shot image features)")
 
 
+def training_cache_ties_field(default: str) -> Any:
+    return Field(
+        default,
+        description="the cache search's rule between (alpha, beta) with equally many validation images right: "
+        "training, the most training images right when each is scored without its own cache entry; first, the "
+        "first in grid order (Tip-Adapter's); loss, the lowest validation cross-entropy",
+    )
+
+
 def logit_consistency_field(default: float) -> Any:
     return Field(
         default,
@@ -137,6 +146,9 @@ class AdaRingSettings(BlockSelection):
     training_cache_views: int = Field(
         1, ge=1, description="the cache's key per image: the mean over this many augmented crops (1: the image itself)"
     )
+    # With 4 validation images per class many (alpha, beta) tie and the first in grid order is the weakest
+    # cache; the training images decided better on the suite's own base-to-new fits (docs/tuning.md).
+    training_cache_ties: Literal["first", "loss", "training"] = training_cache_ties_field("training")
     merged: bool = Field(False, description="store per-layer matrices instead of rings (set by export --merged)")
 
     @field_validator("ranks")
@@ -153,7 +165,7 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
     summary: ClassVar[str] = "cross-layer tensor-ring adapters in both encoders (ultra-light)"
     has_merged_form: ClassVar[bool] = True
     masked_variant: ClassVar[str | None] = "adaring+rada"
-    settings_before_they_existed: ClassVar[dict[str, Any]] = {"training_cache": False}
+    settings_before_they_existed: ClassVar[dict[str, Any]] = {"training_cache": False, "training_cache_ties": "first"}
 
     # AdamW with one warm-up epoch and cosine decay (the few-shot adapter recipe of CLIP-Adapter / MMA);
     # lr 1e-2 chosen on a Fashion-MNIST validation split (docs/tuning.md: 2e-3 underfits in 10 epochs).
@@ -181,7 +193,13 @@ class AdaRingConfig(AdaRingSettings, MethodConfig):
             components.append(offsets)
         head = self.classifier_head(ctx)
         if self.training_cache:
-            head = TrainingCacheHead(head, ctx.class_names, ctx.backbone.embed_dim, views=self.training_cache_views)
+            head = TrainingCacheHead(
+                head,
+                ctx.class_names,
+                ctx.backbone.embed_dim,
+                views=self.training_cache_views,
+                ties=self.training_cache_ties,
+            )
         return Parts(components=components, head=head)
 
 

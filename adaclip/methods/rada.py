@@ -47,7 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adaring import AdaRingConfig, image_consistency_field, logit_consistency_field, text_consistency_field
+from .adaring import (
+    AdaRingConfig,
+    image_consistency_field,
+    logit_consistency_field,
+    text_consistency_field,
+    training_cache_ties_field,
+)
 from .base import Head, HeadOutput, MethodConfig, Parts, TrainConfig
 from .contexts import BuildContext
 from .full_finetune import FullFineTuneConfig
@@ -266,6 +272,8 @@ class AdaRingRAdaConfig(AdaRingConfig):
     text_consistency: float = text_consistency_field(2.5)
     image_consistency: float = image_consistency_field(0.25)
     logit_consistency: float = logit_consistency_field(1.25)
+    # AdaRing's tie rule was studied on AdaRing alone; this method keeps the rule it was measured with.
+    training_cache_ties: Literal["first", "loss", "training"] = training_cache_ties_field("first")
 
     def classifier_head(self, ctx: BuildContext) -> Head:
         return build_mask_head(ctx, self.mask)

@@ -79,6 +79,12 @@ class TipAdapterConfig(MethodConfig):
         (10.0, 10.0), description="largest (beta, alpha) of the grid, in search_units (reference ImageNet: 7, 3)"
     )
     search_steps: tuple[int, int] = Field((200, 20), description="grid points for (beta, alpha)")
+    search_ties: Literal["first", "loss", "training"] = Field(
+        "first",
+        description="among grid points with equally many correct: first, the first in grid order (the "
+        "reference); loss, the lowest cross-entropy on the searched images; training, the most training "
+        "images right when each is scored without its own cache entry (then the first)",
+    )
     leave_one_out: bool = Field(
         True,
         description="also search on each training image scored without its own cache entry (plain Tip-Adapter; "
@@ -132,16 +138,21 @@ def search_alpha_beta(
     scale: tuple[float, float],
     steps: tuple[int, int],
     units: str,
+    ties: str = "first",
+    tie_break: torch.Tensor | None = None,
 ) -> tuple[int, float, float]:
-    """(correct, beta, alpha) of the grid point with the most correct predictions, the first in grid order
-    (beta outer, alpha inner) on ties, as Tip-Adapter's `search_hp`. `affinity` may hold -inf where a key
-    must not count (leave-one-out)."""
+    """(correct, beta, alpha) of the grid point with the most correct predictions. Rows where the boolean
+    `tie_break` is set are not counted but decide between points with equally many correct; ties left
+    after that: "first" keeps the first in grid order (beta outer, alpha inner), as Tip-Adapter's
+    `search_hp`; "loss" the lowest cross-entropy on the counted rows. `affinity` may hold -inf where a
+    key must not count (leave-one-out)."""
     distance = 1.0 - affinity
     if units == "scaled":
         finite = distance[torch.isfinite(distance)]
         beta_unit = 1.0 / float(finite.median().clamp_min(1e-6)) if finite.numel() else 1.0
         zero_shot_spread = spread(zero_shot)
-    best = (-1, 0.0, 0.0)
+    counted = torch.ones_like(labels, dtype=torch.bool) if tie_break is None else ~tie_break
+    best, best_rank = (-1, 0.0, 0.0), None
     alphas = grid(scale[1], steps[1]).tolist()
     for beta_point in grid(scale[0], steps[0]).tolist():
         beta = beta_point * beta_unit if units == "scaled" else beta_point
@@ -149,9 +160,15 @@ def search_alpha_beta(
         alpha_unit = float(zero_shot_spread / spread(cache)) if units == "scaled" else 1.0
         for alpha_point in alphas:
             alpha = alpha_point * alpha_unit
-            correct = int(((zero_shot + alpha * cache).argmax(dim=-1) == labels).sum())
-            if correct > best[0]:
-                best = (correct, beta, alpha)
+            scores = zero_shot + alpha * cache
+            hits = scores.argmax(dim=-1) == labels
+            rank: tuple[float, ...] = (int(hits[counted].sum()),)
+            if tie_break is not None:
+                rank += (int(hits[tie_break].sum()),)
+            if ties == "loss":
+                rank += (-float(F.cross_entropy(scores[counted], labels[counted])),)
+            if best_rank is None or rank > best_rank:  # strictly better: the first point wins full ties
+                best, best_rank = (int(rank[0]), beta, alpha), rank
     return best
 
 
@@ -228,17 +245,22 @@ class TipAdapterHead(Head):
         self, val: FeatureSet | None, class_features: torch.Tensor, logit_scale: float
     ) -> dict[str, float] | None:
         """Search (beta, alpha) on the validation images and, for plain Tip-Adapter, the training images
-        scored leave-one-out (see the module docstring)."""
+        scored leave-one-out (see the module docstring); with `search_ties="training"` those training
+        images only break ties between grid points."""
         if not self.config.search or not len(self.cache_keys):
             return None
         leave_one_out, self._searched_once = self._searches_training_images, True
+        tie_break_only = self.config.search_ties == "training" and not leave_one_out
         keys, values = self.cache_keys.detach().float(), self.cache_values.float()
         queries, labels, affinities = [], [], []
         if val is not None and len(val.labels):
             queries.append(val.features.float())
             labels.append(val.labels.to(keys.device))
             affinities.append(queries[-1] @ keys.t())
-        if leave_one_out and bool((values.sum(dim=0) >= 2).any()):
+        if not queries and not leave_one_out:
+            return None
+        counted = sum(len(rows) for rows in labels)
+        if (leave_one_out or tie_break_only) and bool((values.sum(dim=0) >= 2).any()):
             classes = values.argmax(dim=-1)
             # an image whose class has no other entry cannot be recognised by the rest of the cache
             rows = torch.nonzero(values.sum(dim=0)[classes] >= 2).flatten()
@@ -253,6 +275,10 @@ class TipAdapterHead(Head):
         if not queries:
             return None
         features, truth, affinity = torch.cat(queries), torch.cat(labels), torch.cat(affinities)
+        if tie_break_only:
+            tie_break = torch.arange(len(truth), device=truth.device) >= counted
+        else:
+            tie_break, counted = None, len(truth)
         zero_shot = self.base_output(features, class_features.float(), logit_scale).logits.float()
         correct, beta, alpha = search_alpha_beta(
             zero_shot,
@@ -262,7 +288,9 @@ class TipAdapterHead(Head):
             scale=self.config.search_scale,
             steps=self.config.search_steps,
             units=self.config.search_units,
+            ties="first" if self.config.search_ties == "training" else self.config.search_ties,
+            tie_break=tie_break,
         )
         self.alpha.fill_(alpha)
         self.beta.fill_(beta)
-        return {"alpha": alpha, "beta": beta, "search_accuracy": correct / len(truth), "searched_images": len(truth)}
+        return {"alpha": alpha, "beta": beta, "search_accuracy": correct / counted, "searched_images": counted}

@@ -10,10 +10,11 @@ cosine classifier. This head adds the first to the second after the adapter has 
   the image tower is frozen), built once after the last step and after weight averaging.
   While training the cache is empty, so the loss is the method's own: a cache that holds the batch's
   own images would score them trivially.
-- alpha, beta: Tip-Adapter's search (scale-aware units) on the validation images only. Leave-one-out
-  scoring of training images is off: their trained features are not held out, and including them chose
-  worse values on validation (docs/tuning.md). Without validation images the configured alpha and beta
-  are kept (the training log says so).
+- alpha, beta: Tip-Adapter's search (scale-aware units) on the validation images. Leave-one-out
+  scoring of training images does not count: their trained features are not held out, and counting them
+  chose worse values on validation (docs/tuning.md). With `ties="training"` (AdaRing's default) it only
+  decides between points the validation images cannot tell apart. Without validation images the
+  configured alpha and beta are kept (the training log says so).
 - Class names: the values hold one column per trained class. Scoring a subset of the trained names
   keeps their columns; scoring any name not trained on (base-to-new, `predict --classes`) turns the
   cache off, so the method stays class-agnostic and scores exactly as without it. A per-name cache
@@ -39,9 +40,17 @@ class TrainingCacheHead(TipAdapterHead):
     fits_after_training: ClassVar[bool] = True
 
     def __init__(
-        self, inner: Head, class_names: list[str], dim: int, *, views: int = 1, alpha: float = 1.0, beta: float = 5.5
+        self,
+        inner: Head,
+        class_names: list[str],
+        dim: int,
+        *,
+        views: int = 1,
+        alpha: float = 1.0,
+        beta: float = 5.5,
+        ties: str = "first",
     ):
-        config = TipAdapterConfig(alpha=alpha, beta=beta, leave_one_out=False)
+        config = TipAdapterConfig(alpha=alpha, beta=beta, leave_one_out=False, search_ties=ties)
         super().__init__(len(class_names), dim, config)
         self.training_views = views
         self.inner = inner
