@@ -110,6 +110,26 @@ def reference_search_hp(search_scale, search_step, cache_keys, cache_values, fea
     return best_beta, best_alpha
 
 
+def reference_grid_points(search_scale, search_step):
+    """(beta, alpha) in search_hp's order: beta outer, alpha inner."""
+    betas = [i * (search_scale[0] - 0.1) / search_step[0] + 0.1 for i in range(search_step[0])]
+    alphas = [i * (search_scale[1] - 0.1) / search_step[1] + 0.1 for i in range(search_step[1])]
+    return [(beta, alpha) for beta in betas for alpha in alphas]
+
+
+def searched_tip_head(inputs, steps, ties):
+    """A Tip-Adapter head on `inputs` after its search on the reference grid with tie rule `ties`."""
+    from adaclip.methods import FeatureSet, make_method_config
+    from adaclip.methods.tip_adapter import TipAdapterHead
+
+    keys, train_labels, val, val_labels, clip_weights = inputs
+    settings = {"search_units": "reference", "search_scale": (7.0, 3.0), "search_steps": steps, "leave_one_out": False}
+    head = TipAdapterHead(4, keys.shape[1], make_method_config("tip-adapter", settings | {"search_ties": ties}))
+    head.fit_training_features(FeatureSet(keys, train_labels))
+    found = head.calibrate(FeatureSet(val, val_labels), clip_weights, 100.0)
+    return head, found
+
+
 def tip_inputs(seed=0, n_classes=4, shots=3, n_val=24, dim=16):
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
@@ -183,33 +203,21 @@ def test_tip_adapter_scaled_search_is_the_reference_search_in_rescaled_units():
 def test_tip_adapter_search_ties_by_loss_takes_the_tied_point_of_lowest_cross_entropy():
     """search_ties="loss": of the grid points with the most correct validation images, the one whose
     scores have the lowest mean cross-entropy; "first" keeps the reference's first in grid order."""
-    from adaclip.methods import FeatureSet, make_method_config
-    from adaclip.methods.tip_adapter import TipAdapterHead
-
-    keys, train_labels, val, val_labels, clip_weights = tip_inputs(seed=2, n_val=8)
+    inputs = tip_inputs(seed=2, n_val=8)
+    keys, train_labels, val, val_labels, clip_weights = inputs
     values = F.one_hot(train_labels, 4).float()
     steps = (12, 6)
     chosen = {}
     for ties in ("first", "loss"):
-        config = make_method_config(
-            "tip-adapter",
-            {"search_units": "reference", "search_scale": (7.0, 3.0), "search_steps": steps, "leave_one_out": False}
-            | {"search_ties": ties},
-        )
-        head = TipAdapterHead(4, keys.shape[1], config)
-        head.fit_training_features(FeatureSet(keys, train_labels))
-        head.calibrate(FeatureSet(val, val_labels), clip_weights, 100.0)
+        head, _ = searched_tip_head(inputs, steps, ties)
         chosen[ties] = (head.beta.item(), head.alpha.item())
     # every grid point scored independently: (correct, cross-entropy)
     points = []
-    for i in range(steps[0]):
-        beta = 0.1 + i * (7.0 - 0.1) / steps[0]
-        for j in range(steps[1]):
-            alpha = 0.1 + j * (3.0 - 0.1) / steps[1]
-            logits = reference_tip_logits(val, clip_weights.t(), keys.t(), values, alpha, beta)
-            correct = int((logits.argmax(1) == val_labels).sum())
-            loss = float(-logits.log_softmax(1)[torch.arange(len(val_labels)), val_labels].mean())
-            points.append((correct, loss, beta, alpha))
+    for beta, alpha in reference_grid_points((7.0, 3.0), steps):
+        logits = reference_tip_logits(val, clip_weights.t(), keys.t(), values, alpha, beta)
+        correct = int((logits.argmax(1) == val_labels).sum())
+        loss = float(-logits.log_softmax(1)[torch.arange(len(val_labels)), val_labels].mean())
+        points.append((correct, loss, beta, alpha))
     most = max(p[0] for p in points)
     tied = [p for p in points if p[0] == most]
     assert len(tied) > 1  # the inputs make the tie rule matter
@@ -223,31 +231,23 @@ def test_tip_adapter_search_ties_by_training_images_left_out_one_at_a_time():
     """search_ties="training": validation images decide; among grid points with equally many of them
     right, the most training images right when each is scored without its own cache entry; then the
     first in grid order."""
-    from adaclip.methods import FeatureSet, make_method_config
-    from adaclip.methods.tip_adapter import TipAdapterHead
-
-    keys, train_labels, val, val_labels, clip_weights = tip_inputs(seed=7, shots=4, n_val=8)
+    inputs = tip_inputs(seed=7, shots=4, n_val=8)
+    keys, train_labels, val, val_labels, clip_weights = inputs
     values = F.one_hot(train_labels, 4).float()
     steps = (12, 6)
-    settings = {"search_units": "reference", "search_scale": (7.0, 3.0), "search_steps": steps, "leave_one_out": False}
-    head = TipAdapterHead(4, keys.shape[1], make_method_config("tip-adapter", settings | {"search_ties": "training"}))
-    head.fit_training_features(FeatureSet(keys, train_labels))
-    found = head.calibrate(FeatureSet(val, val_labels), clip_weights, 100.0)
+    head, found = searched_tip_head(inputs, steps, "training")
     # written out: validation correct, then leave-one-out training correct, per grid point in grid order
     points = []
-    for i in range(steps[0]):
-        beta = 0.1 + i * (7.0 - 0.1) / steps[0]
-        for j in range(steps[1]):
-            alpha = 0.1 + j * (3.0 - 0.1) / steps[1]
-            logits = reference_tip_logits(val, clip_weights.t(), keys.t(), values, alpha, beta)
-            on_val = int((logits.argmax(1) == val_labels).sum())
-            on_train = 0
-            for k in range(len(keys)):
-                others = torch.cat([keys[:k], keys[k + 1 :]])
-                rest = torch.cat([values[:k], values[k + 1 :]])
-                row = reference_tip_logits(keys[k : k + 1], clip_weights.t(), others.t(), rest, alpha, beta)
-                on_train += int(row.argmax(1).item() == train_labels[k].item())
-            points.append((on_val, on_train, beta, alpha))
+    for beta, alpha in reference_grid_points((7.0, 3.0), steps):
+        logits = reference_tip_logits(val, clip_weights.t(), keys.t(), values, alpha, beta)
+        on_val = int((logits.argmax(1) == val_labels).sum())
+        on_train = 0
+        for k in range(len(keys)):
+            others = torch.cat([keys[:k], keys[k + 1 :]])
+            rest = torch.cat([values[:k], values[k + 1 :]])
+            row = reference_tip_logits(keys[k : k + 1], clip_weights.t(), others.t(), rest, alpha, beta)
+            on_train += int(row.argmax(1).item() == train_labels[k].item())
+        points.append((on_val, on_train, beta, alpha))
     best_val = max(p[0] for p in points)
     tied = [p for p in points if p[0] == best_val]
     expected = max(tied, key=lambda p: p[1])  # max keeps the first of equals
