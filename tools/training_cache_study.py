@@ -1,7 +1,7 @@
 """The study behind AdaRing's `training_cache` (docs/tuning.md): one fit of a method *without* the cache
 per (shots, seed), then the same trained model scored on Fashion-MNIST training-split validation images
 (never t10k; the images `tools.tune_defaults` scores) alone and with Tip-Adapter's cache over its own
-trained features of the training images, in three variants:
+trained features of the training images, in these variants:
 
   plain          the un-augmented image's feature as key, alpha/beta searched on the fit's validation images
   views10        the mean of 10 augmented crops as key (Tip-Adapter's 10 passes), same search
