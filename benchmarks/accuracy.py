@@ -103,18 +103,26 @@ def prepare_dataset(root: Path = CACHE) -> Path:
     return root
 
 
-def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared, config: dict):
-    """The compare engine for one (protocol, shots, row settings): test/ is the test set, validation is
-    the product's few-shot rule; base-to-new trains on BASE (in sorted folder order)."""
-    from adaclip.comparison import Comparison, make_protocol
+def suite_protocol(data: Path, protocol: str, shots: int):
+    """The suite's images for one (protocol, shots) under DATA/{train,test}: validation is the product's
+    few-shot rule; base-to-new trains on BASE (in sorted folder order). tools/ studies call it on
+    training-split folders."""
+    from adaclip.comparison import make_protocol
 
-    split = make_protocol(
+    return make_protocol(
         data,
         shots=shots,
         classes=data / "classes.json",
         val_split="auto",  # min(shots, 4) per class from the training images (CoOp's convention)
         base_to_new=sorted(BASE) if protocol == "base-to-new" else False,
     )
+
+
+def comparison_for(args, backbone, data: Path, protocol: str, shots: int, shared, config: dict):
+    """The compare engine for one (protocol, shots, row settings): test/ is the test set."""
+    from adaclip.comparison import Comparison
+
+    split = suite_protocol(data, protocol, shots)
     return Comparison(split, backbone, templates=args.templates, batch_size=32, shared=shared, config=config)
 
 

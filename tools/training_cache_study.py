@@ -46,12 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import adaclip
-    from adaclip.comparison import make_protocol
     from adaclip.data import prepare_training_data
     from adaclip.inference import encode_images, logits_in_batches
     from adaclip.methods import FeatureSet
     from adaclip.methods.tip_adapter import TipAdapterConfig, TipAdapterHead
-    from benchmarks.accuracy import BASE, prepare_dataset
+    from benchmarks.accuracy import prepare_dataset, suite_protocol
     from tools.tune_defaults import base_to_new_split, validation_images
 
     data = prepare_dataset()
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         split = base_to_new_split(data, val_per_class=args.val_per_class, shots=16)
         runs = [(16, seed) for seed in args.seeds]
     elif args.protocol == "base-to-new-suite":
-        split = make_protocol(data, shots=16, classes=data / "classes.json", val_split="auto", base_to_new=sorted(BASE))
+        split = suite_protocol(data, "base-to-new", 16)
         runs = [(16, seed) for seed in args.seeds]
     for shots, seed in runs:
         started = time.perf_counter()
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 scored = [image for image in split.test if image.label < split.n_base]
             else:
                 seen = {image.path for image in [*chosen.train, *chosen.val]}
-                base = {folder: i for i, folder in enumerate(sorted(BASE))}
+                base = {folder: i for i, folder in enumerate(split.folders[: split.n_base])}
                 others = validation_images(data, seen, args.val_per_class, seed)[1]
                 scored = [
                     dataclasses.replace(image, label=base[image.path.parent.name])

@@ -62,11 +62,9 @@ def training_split_folders(data, per_class: int, pool_per_class: int = 500):
 def base_to_new_split(data, val_per_class: int, shots: int):
     """The accuracy suite's base-to-new protocol (its base classes, the product's own validation) on
     `training_split_folders`: what `--protocol base-to-new` and tools.new_class_study score."""
-    from adaclip.comparison import make_protocol
-    from benchmarks.accuracy import BASE
+    from benchmarks.accuracy import suite_protocol
 
-    root = training_split_folders(data, val_per_class)
-    return make_protocol(root, shots=shots, classes=root / "classes.json", val_split="auto", base_to_new=sorted(BASE))
+    return suite_protocol(training_split_folders(data, val_per_class), "base-to-new", shots)
 
 
 def base_to_new(args, backbone, data) -> None:
